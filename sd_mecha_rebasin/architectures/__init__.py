@@ -1,0 +1,107 @@
+"""Permutation specs derived from a model config's key layout by the rules in this package.
+
+To add an architecture: describe its facts in `families.yaml` and, if it has module kinds the rules
+in `modules.py` do not cover yet, add a rule there and a walk like `unet.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from ..spec import PermutationSpec, SpecBuilder
+from .text_encoders import TEXT_ENCODERS
+from .unet import UnetFacts, ldm_unet
+
+_FAMILIES = pathlib.Path(__file__).with_name("families.yaml")
+
+
+@functools.cache
+def families() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(_FAMILIES.read_text())
+
+
+def _deep_update(base: dict, override: Mapping) -> dict:
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def config_identifier(config: Any) -> str:
+    return config if isinstance(config, str) else config.identifier
+
+
+def config_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every key in an sd-mecha config (or identifier)."""
+    import sd_mecha
+
+    from .. import model_configs
+
+    model_configs.register_model_configs()
+    if isinstance(config, str):
+        config = sd_mecha.extensions.model_configs.resolve(config)
+    return {key: tuple(meta.shape) for key, meta in config.keys().items()}
+
+
+def family_facts(identifier: str, arch: Mapping | None = None) -> dict[str, Any]:
+    if identifier not in families():
+        known = ", ".join(families())
+        raise ValueError(f"no permutation rules for model config {identifier!r} (supported: {known})")
+    facts = copy.deepcopy(families()[identifier])
+    for name, override in (arch or {}).items():
+        if name == "unet":
+            _deep_update(facts["unet"], override)
+        elif name in facts["text_encoders"]:
+            _deep_update(facts["text_encoders"][name], override)
+        else:
+            raise ValueError(f"unknown part {name!r} in arch override for {identifier}")
+    return facts
+
+
+def permutation_spec(
+    config: Any,
+    arch: Mapping[str, Mapping[str, Any]] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> PermutationSpec:
+    """The legal permutation group of a model, derived from its config's key layout.
+
+    `config` is an sd-mecha model config or its identifier (`sd1-ldm`, `sd2-ldm`, `sdxl-sgm`).
+    `shapes` replaces the config's key -> shape table (same key names, other sizes: tiny test
+    models); `arch` overrides facts shapes do not reveal, e.g. `{"unet": {"head_dim": 8},
+    "clip_g": {"heads": 6}}`.
+    """
+    identifier = config_identifier(config)
+    facts = family_facts(identifier, arch)
+    b = SpecBuilder(shapes if shapes is not None else config_shapes(config))
+    context, pooled_space = [], None
+    unet = facts["unet"]
+    for name, enc in facts["text_encoders"].items():
+        pooled = None
+        if enc.get("pooled"):
+            pooled = b.space(f"{name}.pooled", "embedding", _pooled_tree(b, enc))
+            pooled_space = pooled
+        context.append(TEXT_ENCODERS[enc["kind"]](b, enc["prefix"], enc["heads"], pooled))
+    ldm_unet(
+        b,
+        unet["prefix"],
+        UnetFacts(unet.get("groupnorm_groups", 32), unet.get("num_heads"), unet.get("head_dim")),
+        context,
+        pooled_space,
+    )
+    return b.build()
+
+
+def _pooled_tree(b: SpecBuilder, enc: Mapping[str, Any]):
+    from .. import groups
+
+    key = enc["prefix"] + ("text_projection" if enc["kind"] == "open_clip" else "text_projection.weight")
+    shape = b.shape(key)
+    return groups.Atom(shape[1] if enc["kind"] == "open_clip" else shape[0])

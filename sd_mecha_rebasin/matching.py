@@ -1,0 +1,211 @@
+"""Weight matching (Git Re-Basin, Algorithm 1): coordinate descent over the spec's permutations.
+
+For one permutation p (all others fixed) the objective `L = sum_k <A_k, pi(B_k)>` is linear in p:
+`L = <P, C_p> + const`, with `C_p` summed over every tensor axis p permutes. The best legal p is an
+exact (nested) assignment on `C_p`. Sweeps visit the permutations in a seeded random order; a
+permutation is re-solved only when a neighbour (a space sharing a tensor with it) changed since its
+last solve, since otherwise its cost matrix, and so its optimum, is the same. Permutations that
+share no tensor are independent: a run of them is solved at once in a thread pool, which gives the
+same result as solving them one after another, so the result does not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import groups
+from .spec import PermutationSpec, Permutations, identity_permutation, permute_tensor
+
+IMPROVEMENT_TOLERANCE = 1e-12
+"""A new permutation is kept only if it raises its term of the objective by more than this
+(relative to the term's magnitude); otherwise the old one stays, so ties never cause cycling."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepStats:
+    sweep: int
+    objective: float
+    """`sum_k <ref_k, pi(model_k)>` over the spec's keys after this sweep (float64)."""
+    changed: int
+    """Permutations that changed in this sweep."""
+    solved: int
+    """Permutations whose cost matrix was rebuilt and re-solved in this sweep."""
+    rel_distance: float
+    """`||ref - pi(model)|| / ||ref - model||` over the spec's keys."""
+    seconds: float
+
+
+@dataclasses.dataclass
+class MatchResult:
+    perms: Permutations
+    history: list[SweepStats]
+    converged: bool
+
+    @property
+    def final(self) -> SweepStats:
+        return self.history[-1]
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _cost_matrix(
+    spec: PermutationSpec,
+    space: str,
+    ref: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    perms: Permutations,
+    device: torch.device,
+) -> np.ndarray:
+    """`C[u, v] = sum over axes of <ref slice at unit u, pi_-p(model) slice at unit v>` (float64).
+
+    Products run in float32 on `device`, one tensor at a time, whatever the stored dtype.
+    """
+    n = spec.spaces[space].size
+    cost = torch.zeros(n, n, dtype=torch.float64)
+    others = {name: p for name, p in perms.items() if name != space}
+    for key in spec.keys_of(space):
+        if key not in ref or key not in model:
+            continue
+        a_full = ref[key]
+        b_full = permute_tensor(spec, key, model[key], others)
+        for axis, segments in spec.axes[key].items():
+            for seg in segments:
+                if seg.space != space:
+                    continue
+                m = len(seg.units)
+                a = a_full.narrow(axis, seg.start, m).movedim(axis, 0).reshape(m, -1)
+                b = b_full.narrow(axis, seg.start, m).movedim(axis, 0).reshape(m, -1)
+                a = a.to(device=device, dtype=torch.float32)
+                b = b.to(device=device, dtype=torch.float32)
+                product = (a @ b.T).to("cpu", torch.float64)
+                units = torch.from_numpy(seg.units)
+                if np.array_equal(seg.units, np.arange(seg.units[0], seg.units[0] + m)):
+                    lo = int(seg.units[0])
+                    cost[lo : lo + m, lo : lo + m] += product
+                else:
+                    cost.index_put_((units[:, None], units[None, :]), product, accumulate=True)
+    return cost.numpy()
+
+
+def _solve(
+    spec: PermutationSpec,
+    space: str,
+    ref: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    perms: Permutations,
+    device: torch.device,
+    solver: str | None,
+) -> tuple[np.ndarray, bool]:
+    cost = _cost_matrix(spec, space, ref, model, perms, device)
+    old = perms[space]
+    new = groups.best_element(spec.spaces[space].tree, cost, solver)
+    rows = np.arange(len(old))
+    old_value, new_value = cost[rows, old].sum(), cost[rows, new].sum()
+    if new_value > old_value + IMPROVEMENT_TOLERANCE * max(1.0, abs(old_value)):
+        return new, True
+    return old, False
+
+
+def objective_and_distance(
+    spec: PermutationSpec,
+    ref: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    perms: Permutations,
+) -> tuple[float, float]:
+    """`(sum_k <ref_k, pi(model_k)>, sum_k ||ref_k - pi(model_k)||^2)` in float64 over spec keys."""
+    dot = sq = 0.0
+    for key in spec.axes:
+        if key not in ref or key not in model:
+            continue
+        a = ref[key].to(torch.float64).reshape(-1)
+        b = permute_tensor(spec, key, model[key], perms).to(torch.float64).reshape(-1)
+        dot += float(a @ b)
+        sq += float(((a - b) ** 2).sum())
+    return dot, sq
+
+
+def _batches(order: list[str], spec: PermutationSpec) -> list[list[str]]:
+    """Split the visiting order into runs of permutations that pairwise share no tensor."""
+    out: list[list[str]] = []
+    current: list[str] = []
+    blocked: set[str] = set()
+    for name in order:
+        if name in blocked:
+            out.append(current)
+            current, blocked = [], set()
+        current.append(name)
+        blocked |= spec.neighbours(name) | {name}
+    if current:
+        out.append(current)
+    return out
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    ref: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+    solver: str | None = None,
+    init: Permutations | None = None,
+    on_sweep: Callable[[SweepStats], None] | None = None,
+) -> MatchResult:
+    """Find the permutations of `model` that bring it closest to `ref` (legal ones only).
+
+    `apply_permutation(spec, result.perms, model)` is `model` aligned to `ref`. Tensors may be
+    fp16/bf16/fp32; products accumulate in float32 and cost matrices in float64. `threads=None`
+    uses every CPU; the result is bit-identical for any thread count with the same seed.
+    """
+    device = torch.device(device)
+    threads = threads or default_threads()
+    perms = {name: p.copy() for name, p in (init or identity_permutation(spec)).items()}
+    for name in spec.spaces:
+        perms.setdefault(name, groups.identity(spec.spaces[name].tree))
+    rng = np.random.default_rng(seed)
+    names = sorted(spec.spaces)
+    neighbours = {name: spec.neighbours(name) for name in names}
+    start_dot, start_sq = objective_and_distance(spec, ref, model, perms)
+    base = math.sqrt(start_sq) if start_sq > 0 else 1.0
+    history = [SweepStats(0, start_dot, 0, 0, math.sqrt(start_sq) / base, 0.0)]
+    dirty = set(names)
+    converged = False
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for sweep in range(1, max_iter + 1):
+            t0 = time.perf_counter()
+            order = [names[i] for i in rng.permutation(len(names))]
+            changed = solved = 0
+            for batch in _batches(order, spec):
+                todo = [name for name in batch if name in dirty]
+                snapshot = dict(perms)
+                results = list(
+                    pool.map(lambda name: _solve(spec, name, ref, model, snapshot, device, solver), todo)
+                )
+                for name, (perm, moved) in zip(todo, results):
+                    dirty.discard(name)
+                    solved += 1
+                    if moved:
+                        perms[name] = perm
+                        changed += 1
+                        dirty |= neighbours[name]
+            dot, sq = objective_and_distance(spec, ref, model, perms)
+            stats = SweepStats(sweep, dot, changed, solved, math.sqrt(max(sq, 0.0)) / base, time.perf_counter() - t0)
+            history.append(stats)
+            if on_sweep is not None:
+                on_sweep(stats)
+            if changed == 0:
+                converged = True
+                break
+    return MatchResult(perms=perms, history=history, converged=converged)
