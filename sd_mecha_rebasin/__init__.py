@@ -1,1 +1,23 @@
-"""Exact Git Re-Basin for Stable Diffusion checkpoints, as an sd-mecha merge method."""
+"""Exact Git Re-Basin for Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL), as an sd-mecha merge method.
+
+Importing the package registers the `sd2-ldm` model config with sd-mecha.
+"""
+
+from .architectures import permutation_spec
+from .matching import MatchResult, SweepStats, weight_matching
+from .model_configs import register_model_configs
+from .spec import PermutationSpec, Permutations, apply_permutation, random_permutation
+
+register_model_configs()
+
+__all__ = [
+    "MatchResult",
+    "PermutationSpec",
+    "Permutations",
+    "SweepStats",
+    "apply_permutation",
+    "permutation_spec",
+    "random_permutation",
+    "register_model_configs",
+    "weight_matching",
+]
