@@ -1,0 +1,6 @@
+"""Make `tests/support` importable as `support` from every test module."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
