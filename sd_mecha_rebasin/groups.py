@@ -34,10 +34,10 @@ class Block:
 
     children: tuple[Atom | Block, ...]
     kinds: tuple[str, ...]
+    size: int = dataclasses.field(init=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        return sum(c.size for c in self.children)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", sum(c.size for c in self.children))
 
     def describe(self) -> str:
         runs: list[list] = []

@@ -116,22 +116,24 @@ def _solve(
     return old, False
 
 
-def objective_and_distance(
-    spec: PermutationSpec,
-    ref: Mapping[str, torch.Tensor],
-    model: Mapping[str, torch.Tensor],
-    perms: Permutations,
-) -> tuple[float, float]:
-    """`(sum_k <ref_k, pi(model_k)>, sum_k ||ref_k - pi(model_k)||^2)` in float64 over spec keys."""
-    dot = sq = 0.0
-    for key in spec.axes:
-        if key not in ref or key not in model:
-            continue
-        a = ref[key].to(torch.float64).reshape(-1)
-        b = permute_tensor(spec, key, model[key], perms).to(torch.float64).reshape(-1)
-        dot += float(a @ b)
-        sq += float(((a - b) ** 2).sum())
-    return dot, sq
+class _Objective:
+    """`sum_k <ref_k, pi(model_k)>` and `sum_k ||ref_k - pi(model_k)||^2` in float64 over spec keys.
+
+    Per-key terms are cached; after a sweep only the keys of permutations that changed are redone.
+    """
+
+    def __init__(self, spec: PermutationSpec, ref: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]):
+        self.spec, self.ref, self.model = spec, ref, model
+        self.terms: dict[str, tuple[float, float]] = {}
+
+    def update(self, perms: Permutations, changed: set[str] | None = None) -> tuple[float, float]:
+        keys = self.spec.axes if changed is None else {k for n in changed for k in self.spec.keys_of(n)}
+        for key in keys:
+            if key in self.ref and key in self.model:
+                a = self.ref[key].to(torch.float64).reshape(-1)
+                b = permute_tensor(self.spec, key, self.model[key], perms).to(torch.float64).reshape(-1)
+                self.terms[key] = (float(a @ b), float(((a - b) ** 2).sum()))
+        return math.fsum(t[0] for t in self.terms.values()), math.fsum(t[1] for t in self.terms.values())
 
 
 def _batches(order: list[str], spec: PermutationSpec) -> list[list[str]]:
@@ -177,7 +179,8 @@ def weight_matching(
     rng = np.random.default_rng(seed)
     names = sorted(spec.spaces)
     neighbours = {name: spec.neighbours(name) for name in names}
-    start_dot, start_sq = objective_and_distance(spec, ref, model, perms)
+    objective = _Objective(spec, ref, model)
+    start_dot, start_sq = objective.update(perms)
     base = math.sqrt(start_sq) if start_sq > 0 else 1.0
     history = [SweepStats(0, start_dot, 0, 0, math.sqrt(start_sq) / base, 0.0)]
     dirty = set(names)
@@ -187,6 +190,7 @@ def weight_matching(
             t0 = time.perf_counter()
             order = [names[i] for i in rng.permutation(len(names))]
             changed = solved = 0
+            moved_spaces: set[str] = set()
             for batch in _batches(order, spec):
                 todo = [name for name in batch if name in dirty]
                 snapshot = dict(perms)
@@ -199,8 +203,9 @@ def weight_matching(
                     if moved:
                         perms[name] = perm
                         changed += 1
+                        moved_spaces.add(name)
                         dirty |= neighbours[name]
-            dot, sq = objective_and_distance(spec, ref, model, perms)
+            dot, sq = objective.update(perms, moved_spaces)
             stats = SweepStats(sweep, dot, changed, solved, math.sqrt(max(sq, 0.0)) / base, time.perf_counter() - t0)
             history.append(stats)
             if on_sweep is not None:
