@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import groups
-from .spec import PermutationSpec, Permutations, identity_permutation, permute_tensor
+from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
 
 IMPROVEMENT_TOLERANCE = 1e-12
 """A new permutation is kept only if it raises its term of the objective by more than this
@@ -194,9 +194,8 @@ def weight_matching(
             for batch in _batches(order, spec):
                 todo = [name for name in batch if name in dirty]
                 snapshot = dict(perms)
-                results = list(
-                    pool.map(lambda name: _solve(spec, name, ref, model, snapshot, device, solver), todo)
-                )
+                futures = [pool.submit(_solve, spec, name, ref, model, snapshot, device, solver) for name in todo]
+                results = [f.result() for f in futures]
                 for name, (perm, moved) in zip(todo, results):
                     dirty.discard(name)
                     solved += 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support.layouts import arch_overrides, key_shapes, random_state_dict
 
 from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, weight_matching
 from sd_mecha_rebasin.spec import invert
-from support.layouts import arch_overrides, key_shapes, random_state_dict
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 

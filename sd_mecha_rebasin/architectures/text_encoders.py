@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .. import groups
 from ..spec import SpecBuilder
-from .modules import attention, linear, fused_attention, mlp, norm, numbered
+from .modules import attention, fused_attention, linear, mlp, norm, numbered
 
 
 def _stream(b: SpecBuilder, prefix: str, width: int) -> str:
