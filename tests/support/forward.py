@@ -66,7 +66,12 @@ _SD_UNET_COMMON = {
     "out_channels": 4,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     "layers_per_block": 2,
     "downsample_padding": 1,
@@ -209,7 +214,9 @@ def _torchvision_placeholder() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _take(state_dict: MutableMapping[str, torch.Tensor], prefix: str, consume: bool) -> dict[str, torch.Tensor]:
+def _take(
+    state_dict: MutableMapping[str, torch.Tensor], prefix: str, consume: bool
+) -> dict[str, torch.Tensor]:
     """Sub-dict under prefix (prefix stripped), in fp32; popped from state_dict if consume."""
     keys = [k for k in state_dict if k.startswith(prefix)]
     out = {}

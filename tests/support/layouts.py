@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -125,7 +125,9 @@ def _from_sd_mecha(ident: str, components: tuple[str, ...]) -> dict[str, tuple[i
     return shapes
 
 
-def _open_clip_text_layout(prefix: str, width: int, layers: int, vocab: int = 49408) -> dict[str, tuple[int, ...]]:
+def _open_clip_text_layout(
+    prefix: str, width: int, layers: int, vocab: int = 49408
+) -> dict[str, tuple[int, ...]]:
     """An OpenCLIP text tower's state dict (as kept in LDM/SGM checkpoints)."""
     shapes: dict[str, tuple[int, ...]] = {
         f"{prefix}token_embedding.weight": (vocab, width),
@@ -175,7 +177,7 @@ def sd2_full_layout() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@lru_cache(maxsize=None)
+@cache
 def _full(family: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     if family == "sd1":
         shapes = _from_sd_mecha("sd1-ldm", ("clip_l", "diffuser"))
