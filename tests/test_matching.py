@@ -46,7 +46,7 @@ def test_recovers_a_random_permutation_exactly(case):
     assert result.converged
     aligned = apply_permutation(spec, result.perms, model)
     assert max((aligned[k] - ref[k]).abs().max().item() for k in ref) == 0.0
-    assert result.final.rel_distance == 0.0
+    assert result.rel_distance == 0.0
     expected = invert(hidden)
     assert sum(not np.array_equal(result.perms[n], expected[n]) for n in spec.spaces) == 0
 
@@ -58,19 +58,25 @@ def test_recovers_under_fine_tune_noise(case):
     expected = invert(hidden)
     wrong = [n for n in spec.spaces if not np.array_equal(result.perms[n], expected[n])]
     assert wrong == []
-    assert result.final.rel_distance <= 0.02
+    assert result.rel_distance <= 0.02
     assert result.history[0].rel_distance == 1.0
 
 
 def test_objective_never_decreases(case):
     _, spec, ref, _, model = case
     noisy = add_noise(model, 0.5, seed=4)  # a weakly related pair: many sweeps, many changes
-    result = weight_matching(spec, ref, noisy, seed=1, threads=2, max_iter=30)
-    objectives = [s.objective for s in result.history]
-    assert len(objectives) > 2
-    for before, after in zip(objectives, objectives[1:]):
+    # Runs are deterministic, so the run stopped after k sweeps shows the state after sweep k; its
+    # objective is recomputed from the tensors, independently of the gains the solver tracked.
+    exact = []
+    for sweeps in range(0, 5):
+        result = weight_matching(spec, ref, noisy, seed=1, threads=2, max_iter=sweeps)
+        exact.append(result.objective)
+        tracked = [s.objective for s in result.history]
+        assert all(after >= before for before, after in zip(tracked, tracked[1:]))
+        assert result.objective == pytest.approx(tracked[-1], rel=1e-6)
+    for before, after in zip(exact, exact[1:]):
         assert after >= before - 1e-9 * abs(before)
-    assert objectives[-1] > objectives[0]
+    assert exact[-1] > exact[0]
 
 
 def test_thread_count_does_not_change_the_result(case):
