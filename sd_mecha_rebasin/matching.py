@@ -70,16 +70,21 @@ def _cost_matrix(
     model: Mapping[str, torch.Tensor],
     perms: Permutations,
     device: torch.device,
+    own_keys_only: bool = False,
 ) -> np.ndarray:
     """`C[u, v] = sum over axes of <ref slice at unit u, pi_-p(model) slice at unit v>` (float64).
 
     Products run in float32 on `device`, one tensor at a time, whatever the stored dtype.
+    `own_keys_only` keeps the tensors that no other space permutes (biases, norms): cheap, and
+    independent of every other permutation.
     """
     n = spec.spaces[space].size
     cost = torch.zeros(n, n, dtype=torch.float64)
     others = {name: p for name, p in perms.items() if name != space}
     for key in spec.keys_of(space):
         if key not in ref or key not in model:
+            continue
+        if own_keys_only and spec.spaces_of(key) != [space]:
             continue
         a_full = ref[key]
         b_full = permute_tensor(spec, key, model[key], others)
@@ -122,6 +127,14 @@ def _solve(
     return old, 0.0
 
 
+def _accurate_sum(x: torch.Tensor, row: int = 4096) -> float:
+    """Sum in float32 over short rows, then in float64 across rows: fast and accurate to ~1e-7."""
+    x = x.reshape(-1)
+    head = x.numel() - x.numel() % row
+    total = x[:head].view(-1, row).sum(dim=1).double().sum() if head else torch.zeros((), dtype=torch.float64)
+    return float(total + x[head:].double().sum())
+
+
 def objective_and_distance(
     spec: PermutationSpec,
     ref: Mapping[str, torch.Tensor],
@@ -130,16 +143,30 @@ def objective_and_distance(
 ) -> tuple[float, float]:
     """`(sum_k <ref_k, pi(model_k)>, sum_k ||ref_k - pi(model_k)||^2)` over the spec's keys.
 
-    One tensor at a time in float32 (exact for fp16 inputs), summed in float64.
+    One tensor at a time in float32 (products of fp16 values are exact in float32).
     """
     dot = sq = 0.0
     for key in spec.axes:
         if key in ref and key in model:
             a = ref[key].float()
             b = permute_tensor(spec, key, model[key], perms).float()
-            dot += float(torch.sum(a * b, dtype=torch.float64))
-            sq += float(torch.sum((a - b) ** 2, dtype=torch.float64))
+            dot += _accurate_sum(a * b)
+            sq += _accurate_sum((a - b).square_())
     return dot, sq
+
+
+def _warm_start(spec, ref, model, perms, device, solver) -> Permutations:
+    """Each permutation solved from its own tensors alone (biases, norms, GEGLU/MLP biases).
+
+    For fine-tunes of one base these already pin most permutations, so the sweeps that follow
+    mostly confirm instead of search; spaces with no tensor of their own keep their permutation.
+    """
+    out = dict(perms)
+    for name, space in spec.spaces.items():
+        if any(spec.spaces_of(k) == [name] for k in spec.keys_of(name)):
+            cost = _cost_matrix(spec, name, ref, model, perms, device, own_keys_only=True)
+            out[name] = groups.best_element(space.tree, cost, solver)
+    return out
 
 
 def _batches(order: list[str], spec: PermutationSpec) -> list[list[str]]:
@@ -169,6 +196,7 @@ def weight_matching(
     device: str | torch.device = "cpu",
     solver: str | None = None,
     init: Permutations | None = None,
+    warm_start: bool = True,
     on_sweep: Callable[[SweepStats], None] | None = None,
 ) -> MatchResult:
     """Find the permutations of `model` that bring it closest to `ref` (legal ones only).
@@ -176,6 +204,8 @@ def weight_matching(
     `apply_permutation(spec, result.perms, model)` is `model` aligned to `ref`. Tensors may be
     fp16/bf16/fp32; products accumulate in float32 and cost matrices in float64. `threads=None`
     uses every CPU; the result is bit-identical for any thread count with the same seed.
+    `warm_start` first solves each permutation from its own biases and norms (kept only if that
+    raises the objective); `init` starts from given permutations instead of the identity.
     """
     device = torch.device(device)
     threads = threads or default_threads()
@@ -187,6 +217,11 @@ def weight_matching(
     neighbours = {name: spec.neighbours(name) for name in names}
     dot, sq = objective_and_distance(spec, ref, model, perms)
     base = math.sqrt(sq) if sq > 0 else 1.0
+    if warm_start:
+        warm = _warm_start(spec, ref, model, perms, device, solver)
+        warm_dot, warm_sq = objective_and_distance(spec, ref, model, warm)
+        if warm_dot > dot:  # keep it only if it is a better starting point
+            perms, dot, sq = warm, warm_dot, warm_sq
     history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, 0.0)]
     dirty = set(names)
     converged = False
