@@ -1,0 +1,590 @@
+"""Input checkpoints: reading, validation, family detection and the policy for keys nobody merges.
+
+Everything here works from a file's header (safetensors) or one load (pickles) before any merge
+starts, so that a bad input fails in seconds with one line naming the file and the problem, never
+minutes later inside sd-mecha. `UserError` is the one exception type for such problems.
+
+Key policy (see `is_merged_key` and `cli.assemble`): the output has the key layout of the base
+model (A for a merge, B for an alignment). The config's floating-point weights (text encoders,
+UNet, VAE) present in both models are merged; everything else of the base model is kept as it is:
+EMA weights (cast to the output dtype; permuted like the UNet weights they copy in an alignment),
+scheduler buffers, v-prediction markers (`v_pred`, `ztsnr`, `edm_vpred.*`), integer buffers and
+keys sd-mecha's config does not know (these keep their stored dtype), and weights the other model
+lacks. Keys only in the other model are left out, with a warning. Keys under the UNet or
+text-encoder prefixes that the config does not know are refused (they would stay unpermuted).
+
+Legacy `.ckpt` / `.pt` / `.pth` pickles are read with `torch.load(weights_only=True)` (memory-mapped
+when the file is in the zip format) and handed to sd-mecha through a model format registered by
+`register_pickle_format()`, so sd-mecha streams them like safetensors and recipes name the real file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import pickle
+import re
+import struct
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+FAMILY_NAMES = {"sd1-ldm": "SD1", "sd2-ldm": "SD2", "sdxl-sgm": "SDXL"}
+"""sd-mecha config identifier -> the family name shown to users."""
+
+MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max"})
+"""Flags and constants that describe how a model is sampled, not weights (SDXL v-prediction etc.)."""
+
+_KEPT_COMPONENTS = frozenset({"ema", "scheduler"})
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad option); printed as one line, no traceback."""
+
+    def __init__(self, problem: str, path: str | os.PathLike | None = None, exit_code: int = 1):
+        super().__init__(problem)
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """One input file: its tensors' names, shapes and dtypes, and (after `detect`) its family."""
+
+    path: pathlib.Path
+    """The path as the user gave it (used in messages)."""
+    kind: str
+    """"safetensors" or "pickle"."""
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    metadata: dict[str, str]
+    """The safetensors `__metadata__` (empty for pickles)."""
+    config: str | None = None
+    """sd-mecha config identifier of the detected family."""
+    canonical: dict[str, str] = dataclasses.field(default_factory=dict)
+    """File key -> the config's key name (aliases resolved); keys the config lacks map to themselves."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def family(self) -> str:
+        return FAMILY_NAMES.get(self.config or "", self.config or "unknown")
+
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {self.canonical.get(k, k): s for k, s in self.shapes.items()}
+
+    def iter_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.kind == "pickle":
+            sd = load_pickle(self.path)
+            for key in keys:
+                yield key, sd[key]
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            for key in keys:
+                yield key, f.get_tensor(key)
+
+    def parameters(self) -> int:
+        total = 0
+        for shape in self.shapes.values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+# --------------------------------------------------------------------------------------------
+# Opening files
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint's header (safetensors) or load it (pickle); raise UserError if unreadable."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError("no such file", path)
+    if path.is_dir():
+        raise UserError("is a directory, not a checkpoint file", path)
+    if not os.access(path, os.R_OK):
+        raise UserError("permission denied (not readable)", path)
+    suffix = path.suffix.lower()
+    head = _read_head(path)
+    if suffix in SAFETENSORS_SUFFIXES:
+        if _looks_like_pickle(head):
+            raise UserError(
+                "not a safetensors file: it is a PyTorch pickle (zip) checkpoint; rename it to .ckpt", path
+            )
+        return _open_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        if not _looks_like_pickle(head):
+            if _safetensors_header(path, quiet=True) is not None:
+                raise UserError(f"is a safetensors file named {suffix}; rename it to .safetensors", path)
+            raise UserError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", path)
+        return _open_pickle(path)
+    raise UserError(
+        f"unsupported file type {suffix or '(no extension)'!r}: expected .safetensors, .ckpt, .pt or .pth",
+        path,
+    )
+
+
+def _read_head(path: pathlib.Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror or e}", path) from None
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _safetensors_header(path: pathlib.Path, quiet: bool = False) -> tuple[dict, int, int] | None:
+    """(header, data start, file size), or None / UserError when the file is not valid safetensors."""
+
+    def bad(problem: str):
+        if quiet:
+            return None
+        raise UserError(problem, path)
+
+    size = path.stat().st_size
+    if size < 8:
+        return bad(f"not a safetensors file ({size} bytes, too short for a header)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n == 0 or n > _MAX_HEADER:
+            return bad("not a safetensors file (no valid header)")
+        if 8 + n > size:
+            return bad(f"truncated safetensors file: its header needs {8 + n} bytes, the file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return bad("not a safetensors file (the header is not JSON)")
+    if not isinstance(header, dict):
+        return bad("not a safetensors file (the header is not a JSON object)")
+    return header, 8 + n, size
+
+
+def _open_safetensors(path: pathlib.Path) -> Checkpoint:
+    header, data_start, size = _safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        metadata = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    end = 0
+    for key, info in header.items():
+        try:
+            dtype_name = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"corrupt safetensors header (entry {key!r})", path) from None
+        if dtype_name not in _DTYPES:
+            raise UserError(f"{key} has dtype {dtype_name}, which this tool does not read", path)
+        dtype = _DTYPES[dtype_name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if stop - begin != numel * torch.empty((), dtype=dtype).element_size() or begin < 0:
+            raise UserError(f"corrupt safetensors header: {key} has inconsistent byte offsets", path)
+        shapes[key], dtypes[key] = shape, dtype
+        end = max(end, stop)
+    if data_start + end > size:
+        raise UserError(
+            f"truncated safetensors file: its tensors need {data_start + end} bytes, the file has {size}",
+            path,
+        )
+    if not shapes:
+        raise UserError("holds no tensors", path)
+    return Checkpoint(path, "safetensors", shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+
+
+_pickle_cache: dict[pathlib.Path, dict[str, torch.Tensor]] = {}
+_pickle_lock = threading.Lock()
+
+
+def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .ckpt/.pt file (a `state_dict` wrapper unwrapped), loaded once and cached."""
+    path = pathlib.Path(path)
+    resolved = path.resolve()
+    with _pickle_lock:
+        if resolved in _pickle_cache:
+            return _pickle_cache[resolved]
+        try:
+            try:
+                obj = torch.load(resolved, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(resolved, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+            text = str(e)
+            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+                reason = _first_line(text.replace("Weights only load failed.", "")) or "unsupported content"
+                raise UserError(
+                    "refused: this pickle needs more than plain tensors to load (torch.load weights_only=True: "
+                    f"{reason}); convert it to .safetensors with a tool you trust",
+                    path,
+                ) from None
+            reason = f"{type(e).__name__}: {_first_line(text)}" if _first_line(text) else type(e).__name__
+            raise UserError(
+                f"not a readable PyTorch checkpoint (truncated or corrupt: {reason})", path
+            ) from None
+        sd = _unwrap(obj)
+        if sd is None:
+            raise UserError("holds no tensors (not a model checkpoint)", path)
+        _pickle_cache[resolved] = sd
+        return sd
+
+
+def release_pickles() -> None:
+    """Forget every cached pickle (call when a command is done)."""
+    with _pickle_lock:
+        _pickle_cache.clear()
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line[:200]
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        return None
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return sd or None
+
+
+def _open_pickle(path: pathlib.Path) -> Checkpoint:
+    sd = load_pickle(path)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    dtypes = {k: v.dtype for k, v in sd.items()}
+    return Checkpoint(path, "pickle", shapes, dtypes, {})
+
+
+# --------------------------------------------------------------------------------------------
+# Family detection
+
+
+_OTHER_KINDS: list[tuple[str, str]] = [
+    (
+        r"(^|\.)lora_(up|down|A|B)\b|^lora_(unet|te\d?)_|\.(hada_w1_a|lokr_w1|oft_blocks)\b|\.alpha$",
+        "a LoRA/LyCORIS network",
+    ),
+    (r"^(emb_params|string_to_param|clip_[lg])$", "a textual-inversion embedding"),
+    (r"^control_model\.|\.input_hint_block\.", "a ControlNet"),
+    (r"joint_blocks\.", "a Stable Diffusion 3 model"),
+    (r"(^|\.)double_blocks\.", "a FLUX model"),
+    (
+        r"^(unet\.)?(down_blocks|up_blocks|mid_block)\.",
+        "a diffusers-format UNet (convert it to a single-file checkpoint)",
+    ),
+    (r"^(text_model|text_encoder)\.", "a text encoder only"),
+    (r"^(first_stage_model\.)?(encoder|decoder)\.(conv_in|down|up|mid)", "a VAE only"),
+]
+
+
+def _what_else(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    for pattern, what in _OTHER_KINDS:
+        rx = re.compile(pattern)
+        if any(rx.search(k) for k in keys):
+            return what
+    sample = ", ".join(sorted(keys)[:2])
+    return f"an unrecognised model ({len(keys)} tensors, e.g. {sample})"
+
+
+def detect_family(ckpt: Checkpoint) -> str:
+    """Set and return `ckpt.config` (sd1-ldm, sd2-ldm or sdxl-sgm); UserError for anything else."""
+    from sd_mecha.extensions import model_configs
+
+    from .model_configs import register_model_configs, sd1_or_sd2_from_shapes
+
+    register_model_configs()
+    keys = ckpt.shapes
+    unet = "model.diffusion_model."
+    if not any(k.startswith(unet) for k in keys):
+        raise UserError(f"not a Stable Diffusion checkpoint: looks like {_what_else(keys)}", ckpt.path)
+    if any(k.startswith(unet + "joint_blocks.") for k in keys):
+        raise UserError("is a Stable Diffusion 3 model; only SD1, SD2 and SDXL are supported", ckpt.path)
+    if any(k.startswith(unet + "double_blocks.") for k in keys):
+        raise UserError("is a FLUX model; only SD1, SD2 and SDXL are supported", ckpt.path)
+    if any(k.startswith("conditioner.embedders.") for k in keys) or unet + "label_emb.0.0.weight" in keys:
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+            raise UserError("is an SDXL refiner; only SD1, SD2 and SDXL base models are supported", ckpt.path)
+        config = "sdxl-sgm"
+    else:
+        config = sd1_or_sd2_from_shapes(keys)
+        if config is None:
+            if any(k.startswith("cond_stage_model.model.") for k in keys):
+                config = "sd2-ldm"
+            elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
+                config = "sd1-ldm"
+            else:
+                raise UserError(
+                    "is not SD1, SD2 or SDXL (no cross-attention or text encoder keys)", ckpt.path
+                )
+    ckpt.config = config
+    aliases = model_configs.resolve(config).aliases()
+    reverse = {alias: key for key, names in aliases.items() for alias in names}
+    ckpt.canonical = {k: reverse.get(k, k) for k in keys}
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Key policy and validation
+
+
+def _config(config: str):
+    from sd_mecha.extensions import model_configs
+
+    return model_configs.resolve(config)
+
+
+def component_of_keys(config: str) -> dict[str, str]:
+    """Config key -> its component name (clip_l, diffuser, vae, ema, scheduler, ...)."""
+    out = {}
+    for name, component in _config(config).components().items():
+        for key in component.keys():
+            out[key] = name
+    return out
+
+
+def is_merged_key(config: str, key: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether a (canonical) key takes part in the merge; the others are kept from one model as they are.
+
+    Merged: the config's floating-point weights (text encoders, UNet, VAE). Kept: EMA copies, scheduler
+    buffers, v-prediction markers, integer buffers (position_ids) and keys the config does not know.
+    """
+    meta = _config(config).keys().get(key)
+    if meta is None or key in MARKER_KEYS:
+        return False
+    if not meta.dtype.is_floating_point or (dtype is not None and not dtype.is_floating_point):
+        return False
+    return component_of_keys_cached(config).get(key) not in _KEPT_COMPONENTS
+
+
+_components_cache: dict[str, dict[str, str]] = {}
+
+
+def component_of_keys_cached(config: str) -> dict[str, str]:
+    if config not in _components_cache:
+        _components_cache[config] = component_of_keys(config)
+    return _components_cache[config]
+
+
+def permuted_prefixes(config: str) -> tuple[str, ...]:
+    """Key prefixes of the components the permutation spec covers (UNet and text encoders)."""
+    from .architectures import families
+
+    facts = families()[config]
+    return (facts["unet"]["prefix"], *(enc["prefix"] for enc in facts["text_encoders"].values()))
+
+
+_VARIANT_HINTS = {
+    ("model.diffusion_model.input_blocks.0.0.weight", 1, 9): " (an inpainting model?)",
+    ("model.diffusion_model.input_blocks.0.0.weight", 1, 8): " (an instruct-pix2pix model?)",
+}
+
+
+def _fmt(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a checkpoint whose permuted parts differ from its family's layout.
+
+    `expected` is key -> shape of the family (default: the sd-mecha config's; tests pass the shapes
+    of tiny models). Keys under the UNet / text-encoder prefixes that the config does not know would
+    be left unpermuted in a permuted model, so they are refused as well.
+    """
+    assert ckpt.config is not None
+    config_keys = _config(ckpt.config).keys()
+    if expected is None:
+        expected = {k: tuple(m.shape) for k, m in config_keys.items()}
+    prefixes = permuted_prefixes(ckpt.config)
+    unknown = [
+        k for k, canon in ckpt.canonical.items() if canon not in config_keys and k.startswith(prefixes)
+    ]
+    if unknown:
+        raise UserError(
+            f"has {len(unknown)} key(s) that {ckpt.family} models do not have (e.g. {sorted(unknown)[0]}): "
+            f"not a plain {ckpt.family} checkpoint",
+            ckpt.path,
+        )
+    for key, shape in ckpt.shapes.items():
+        canon = ckpt.canonical[key]
+        if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
+            continue
+        want = tuple(expected[canon])
+        if shape != want:
+            hint = ""
+            for (hkey, axis, value), text in _VARIANT_HINTS.items():
+                if canon == hkey and len(shape) > axis and shape[axis] == value:
+                    hint = text
+            raise UserError(
+                f"{key} has shape {_fmt(shape)}, {ckpt.family} ({ckpt.config}) expects {_fmt(want)}{hint}",
+                ckpt.path,
+            )
+
+
+def check_pair(a: Checkpoint, b: Checkpoint) -> None:
+    """Refuse two checkpoints that cannot be aligned: other families, other shapes, nothing shared."""
+    if a.config != b.config:
+        raise UserError(
+            f"is {b.family} ({b.config}) but {a.name} is {a.family} ({a.config}); both models must be of the same family",
+            b.path,
+        )
+    a_shapes, b_shapes = a.canonical_shapes(), b.canonical_shapes()
+    shared = [k for k in a_shapes if k in b_shapes and is_merged_key(a.config, k)]
+    for key in shared:
+        if a_shapes[key] != b_shapes[key]:
+            raise UserError(
+                f"{key} has shape {_fmt(b_shapes[key])} but {a.name} has {_fmt(a_shapes[key])}", b.path
+            )
+    prefixes = permuted_prefixes(a.config)
+    if not any(k.startswith(prefixes) for k in shared):
+        raise UserError(f"shares no UNet or text-encoder weights with {a.name}", b.path)
+
+
+def check_finite(ckpt: Checkpoint, keys: Iterable[str] | None = None, threads: int = 0) -> None:
+    """Raise UserError naming the first key (in file order) holding NaN or Inf.
+
+    A float32 sum per tensor is the fast test (NaN and Inf propagate; fp16/bf16 never overflow it);
+    a failing tensor is confirmed element-wise, so a huge but finite fp32 tensor is not refused.
+    """
+    keys = [k for k in (ckpt.shapes if keys is None else keys) if ckpt.dtypes[k].is_floating_point]
+    if not keys:
+        return
+    threads = threads or min(4, os.cpu_count() or 1)
+    chunks = [keys[i::threads] for i in range(threads)]
+
+    def scan(chunk: list[str]) -> list[tuple[str, str]]:
+        bad = []
+        for key, t in ckpt.iter_tensors(chunk):
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            if t.numel() and not bool(torch.isfinite(t.sum(dtype=acc))):
+                if not bool(torch.isfinite(t).all()):
+                    what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                    bad.append((key, what))
+        return bad
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = [item for part in pool.map(scan, chunks) for item in part]
+    if found:
+        order = {k: i for i, k in enumerate(keys)}
+        key, what = min(found, key=lambda item: order[item[0]])
+        more = f" (and {len(found) - 1} more key(s))" if len(found) > 1 else ""
+        raise UserError(f"{key} contains {what} values{more}", ckpt.path)
+
+
+def ema_map(keys: Iterable[str], unet_keys: Iterable[str]) -> dict[str, str]:
+    """EMA key -> UNet key, for every EMA key among `keys` that copies one of `unet_keys`."""
+    by_flat = {k[len("model.") :].replace(".", ""): k for k in unet_keys if k.startswith("model.")}
+    out = {}
+    for key in keys:
+        if key.startswith("model_ema."):
+            target = by_flat.get(key[len("model_ema.") :])
+            if target is not None:
+                out[key] = target
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# sd-mecha model format for pickles
+
+
+def register_pickle_format() -> None:
+    """Let sd-mecha read .ckpt/.pt/.pth files (through `load_pickle`); safe to call repeatedly."""
+    import sd_mecha.extensions.model_formats as formats
+    from sd_mecha.streaming import SafetensorsMapping, StateDictKeyError, TensorMetadata
+
+    probe = pathlib.Path("probe.ckpt")
+    if any(fmt.matches(probe) for fmt in formats.get_all()):
+        return
+
+    class PickleStateDict(SafetensorsMapping):
+        def __init__(self, path: pathlib.Path):
+            self.sd = load_pickle(path)
+
+        def __getitem__(self, key: str) -> torch.Tensor:
+            if key not in self.sd:
+                raise StateDictKeyError(key)
+            return self.sd[key].clone()
+
+        def __iter__(self):
+            return iter(self.sd)
+
+        def __len__(self) -> int:
+            return len(self.sd)
+
+        def __contains__(self, item) -> bool:
+            return item in self.sd
+
+        def keys(self):
+            return self.sd.keys()
+
+        def metadata(self):
+            for key, t in self.sd.items():
+                yield key, TensorMetadata(t.shape, t.dtype)
+
+        def values(self):
+            for key in self.sd:
+                yield self[key]
+
+        def items(self):
+            for key in self.sd:
+                yield key, self[key]
+
+        def close(self) -> None:
+            pass
+
+    class PickleFormat:
+        def matches(self, path: pathlib.Path) -> bool:
+            return path.suffix.lower() in PICKLE_SUFFIXES
+
+        def get_read_dict(self, path: pathlib.Path, buffer_size: int):
+            return PickleStateDict(path)
+
+        def get_write_dict(self, path, model_config, mecha_recipe, buffer_size):
+            raise RuntimeError("sd_mecha_rebasin writes safetensors only")
+
+    formats.register_model_format(PickleFormat, identifier="sd_mecha_rebasin_torch_pickle")
