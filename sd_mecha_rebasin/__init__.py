@@ -5,8 +5,9 @@ Importing the package registers the `sd2-ldm` model config with sd-mecha.
 
 from .architectures import permutation_spec
 from .matching import MatchResult, SweepStats, weight_matching
+from .merge_method import rebasin
 from .model_configs import register_model_configs
-from .spec import PermutationSpec, Permutations, apply_permutation, random_permutation
+from .spec import Permutations, PermutationSpec, apply_permutation, random_permutation
 
 register_model_configs()
 
@@ -18,6 +19,7 @@ __all__ = [
     "apply_permutation",
     "permutation_spec",
     "random_permutation",
+    "rebasin",
     "register_model_configs",
     "weight_matching",
 ]

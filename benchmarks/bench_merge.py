@@ -1,0 +1,197 @@
+"""Whole merges to a file on a full-size random pair: `weighted_sum(A, rebasin(B, A))` against sd-mecha.
+
+    python benchmarks/bench_merge.py sd1-ldm [sdxl-sgm ...] [--iters 100] [--no-quality]
+
+A is random (fan-in-scaled, fp16) over the config's keys; B is a legal random permutation of A
+plus 1% noise. Both are built once and cached under .bench_cache/ (gitignored). Each merge runs
+in its own process, which reports its wall time and peak RSS:
+- ours: `weighted_sum(A, git_rebasin(B, A), 0.5)`;
+- plain: sd-mecha's `weighted_sum(A, B, 0.5)`, the floor;
+- builtin (sdxl-sgm only): `weighted_sum(A, rebasin(B, A), 0.5)` with sd-mecha's own SDXL `rebasin`.
+Then (unless --no-quality) each output's distance to A is compared with the ideal merge's,
+A + noise / 2 (B with the hidden permutation undone, averaged with A).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+CACHE = HERE.parent / ".bench_cache"
+NOISE = 0.01
+
+
+def pair_paths(config: str) -> tuple[pathlib.Path, pathlib.Path]:
+    return CACHE / f"{config}-A.safetensors", CACHE / f"{config}-B-noise{NOISE}.safetensors"
+
+
+def build_pair(config: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A and B as fp16 safetensors (cached): every float key sd-mecha's config requires, plus the
+    optional ones the permutation rules bind (e.g. SDXL's CLIP-L layer 11)."""
+    a_path, b_path = pair_paths(config)
+    if a_path.exists() and b_path.exists():
+        return a_path, b_path
+    import sd_mecha
+    from bench_weight_matching import fine_tuned_permuted_copy, random_weights
+    from safetensors.torch import save_file
+
+    from sd_mecha_rebasin import permutation_spec, random_permutation
+    from sd_mecha_rebasin.architectures import config_shapes
+    from sd_mecha_rebasin.merge_method import bound_keys
+
+    t0 = time.perf_counter()
+    metadata = sd_mecha.extensions.model_configs.resolve(config).keys()
+    bound = bound_keys(config)
+    shapes = {
+        k: shape for k, shape in config_shapes(config).items()
+        if metadata[k].dtype.is_floating_point and (not metadata[k].optional or k in bound)
+    }
+    spec = permutation_spec(config)
+    a = random_weights(shapes, seed=0, dtype=torch.float16)
+    CACHE.mkdir(exist_ok=True)
+    save_file(a, str(a_path))
+    b = fine_tuned_permuted_copy(spec, a, random_permutation(spec, seed=1), NOISE, seed=2)
+    del a
+    save_file(b, str(b_path))
+    print(f"built {a_path.name}, {b_path.name} ({len(shapes)} keys) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return a_path, b_path
+
+
+# ---------------------------------------------------------------------------------------------
+# One merge, in a child process
+
+
+def run_one(kind: str, config: str, out: pathlib.Path, iters: int) -> dict:
+    import sd_mecha
+
+    import sd_mecha_rebasin
+    from sd_mecha_rebasin import events
+
+    a_path, b_path = pair_paths(config)
+    a, b = sd_mecha.model(a_path, config=config), sd_mecha.model(b_path, config=config)
+    if kind == "ours":
+        aligned = sd_mecha_rebasin.rebasin(b, a, iters=iters)
+    elif kind == "builtin":
+        aligned = sd_mecha.rebasin(b, a)  # sd-mecha's interface: rebasin(a, ref, iters=10)
+    else:
+        aligned = b
+    sweeps: list = []
+    t0 = time.perf_counter()
+    with events.listening(lambda event, data: sweeps.append(data["stats"]) if event == "sweep" else None):
+        sd_mecha.merge(sd_mecha.weighted_sum(a, aligned, alpha=0.5), output=out, tqdm=_quiet)
+    report = {"kind": kind, "seconds": time.perf_counter() - t0, "peak_rss_gb": _peak_rss_gb(), "sweeps": len(sweeps)}
+    if sweeps:
+        report["prepass_seconds"] = sum(s.seconds for s in sweeps)
+        report["rel_distance"] = sweeps[-1].rel_distance
+    return report
+
+
+def _quiet(*args, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(*args, **kwargs, disable=True)
+
+
+def _peak_rss_gb() -> float:
+    """This process's own peak RSS. Linux's ru_maxrss would also count the parent's RSS at fork."""
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024**2
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux, bytes on macOS
+
+
+def run_child(kind: str, config: str, iters: int) -> dict:
+    out = CACHE / f"{config}-out-{kind}.safetensors"
+    cmd = [sys.executable, __file__, config, "--child", kind, "--iters", str(iters)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} merge failed:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report["out"] = str(out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality and the table
+
+
+def distance_to(reference: pathlib.Path, other: pathlib.Path, undo: tuple | None = None) -> float:
+    """`||other - reference||` over the keys both files have (float64, one tensor at a time);
+    `undo=(spec, perms)` permutes `other` first."""
+    from safetensors import safe_open
+
+    from sd_mecha_rebasin.spec import permute_tensor
+
+    total = 0.0
+    with safe_open(str(reference), "pt") as ref, safe_open(str(other), "pt") as oth:
+        for key in set(ref.keys()) & set(oth.keys()):
+            value = oth.get_tensor(key)
+            if undo is not None:
+                value = permute_tensor(undo[0], key, value, undo[1])
+            diff = value.double() - ref.get_tensor(key).double()
+            total += float((diff * diff).sum())
+    return math.sqrt(total)
+
+
+def ideal_distance(config: str) -> float:
+    """`||A + noise / 2 - A||`: the distance to A of the merge with the hidden permutation undone."""
+    from sd_mecha_rebasin import permutation_spec, random_permutation
+    from sd_mecha_rebasin.spec import invert
+
+    spec = permutation_spec(config)
+    return 0.5 * distance_to(*pair_paths(config), undo=(spec, invert(random_permutation(spec, seed=1))))
+
+
+def bench(config: str, iters: int, quality: bool) -> None:
+    a_path, b_path = build_pair(config)
+    kinds = ["ours", "plain"] + (["builtin"] if config == "sdxl-sgm" else [])
+    reports = {}
+    for kind in kinds:
+        reports[kind] = r = run_child(kind, config, iters)
+        extra = f", {r['sweeps']} sweeps ({r['prepass_seconds']:.0f} s), distance x{r['rel_distance']:.4f}" if r["sweeps"] else ""
+        print(f"{config} {kind:>8}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB{extra}", flush=True)
+    ours, plain = reports["ours"], reports["plain"]
+    print(f"{config} ours / plain: wall x{ours['seconds'] / plain['seconds']:.2f}, "
+          f"peak RSS x{ours['peak_rss_gb'] / plain['peak_rss_gb']:.2f}")
+    if "builtin" in reports:
+        builtin = reports["builtin"]
+        print(f"{config} ours / builtin rebasin: wall x{ours['seconds'] / builtin['seconds']:.2f}, "
+              f"peak RSS x{ours['peak_rss_gb'] / builtin['peak_rss_gb']:.2f}")
+    if quality:
+        ideal = ideal_distance(config)
+        print(f"{config}    ideal: ||merge - A|| = {ideal:.2f} (A + noise / 2)")
+        for kind, r in reports.items():
+            d = distance_to(a_path, pathlib.Path(r["out"]))
+            print(f"{config} {kind:>8}: ||merge - A|| = {d:.2f} (x{d / ideal:.3f} the ideal)", flush=True)
+    for r in reports.values():
+        pathlib.Path(r["out"]).unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", choices=["sd1-ldm", "sd2-ldm", "sdxl-sgm"])
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--no-quality", action="store_true", help="skip the distance of each output to A")
+    parser.add_argument("--child", choices=["ours", "plain", "builtin"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        (config,) = args.configs
+        out = CACHE / f"{config}-out-{args.child}.safetensors"
+        print(json.dumps(run_one(args.child, config, out, args.iters)))
+        return
+    for config in args.configs:
+        bench(config, args.iters, not args.no_quality)
+
+
+if __name__ == "__main__":
+    main()

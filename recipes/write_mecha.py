@@ -1,0 +1,49 @@
+"""Write the example `.mecha` files next to this script from the recipe functions.
+
+    python recipes/write_mecha.py
+
+Model paths are placeholders relative to the working directory (or an sd-mecha model dir).
+Loading a file needs `import sd_mecha_rebasin` first: it registers the `git_rebasin` method.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import add_difference_rebasin
+import align_many
+import rebasin_average
+import sd_mecha
+import ties_rebasin
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+#: file stem -> (recipe function, placeholder model files in argument order)
+RECIPES = {
+    "rebasin_average": (rebasin_average.recipe, ["A.safetensors", "B.safetensors"]),
+    "ties_rebasin": (ties_rebasin.recipe, ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
+    "add_difference_rebasin": (add_difference_rebasin.recipe, ["A.safetensors", "B.safetensors", "C.safetensors"]),
+    "align_many": (align_many.recipe, ["ref.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
+}
+
+HEADER = "# needs `import sd_mecha_rebasin` before sd_mecha.deserialize: it registers the merge method git_rebasin"
+
+
+def mecha_text(stem: str) -> str:
+    """sd_mecha.serialize of the recipe, with comment lines after the version line."""
+    fn, models = RECIPES[stem]
+    version, *lines = sd_mecha.serialize(fn(*models), finalize=False).split("\n")
+    models_line = f"# models: {' '.join(models)} ({fn.__module__}.py)"
+    # no newline at the end: sd-mecha 1.1.8 fails on an empty line
+    return "\n".join([version, HEADER, models_line, *lines])
+
+
+def main() -> None:
+    for stem in RECIPES:
+        path = HERE / f"{stem}.mecha"
+        path.write_text(mecha_text(stem))
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

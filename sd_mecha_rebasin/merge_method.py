@@ -1,0 +1,312 @@
+"""`git_rebasin`: exact Git Re-Basin as an sd-mecha merge method (`sd_mecha_rebasin.rebasin`).
+
+sd-mecha merges key by key, but the permutations depend on the whole model. So the first call
+(whatever its key) runs a pre-pass: it reads every key the permutation rules bind from `a` and
+`ref`, checks that both models have the same shapes, and runs weight matching; other worker threads
+wait on a lock meanwhile. Every call then permutes its own key of `a`, read again as sd-mecha
+streams it. The pre-pass state lives on the method instance that sd-mecha creates for each recipe
+node in each merge, so nothing outlives the merge, and the model copies are dropped as soon as the
+permutations are known.
+
+Key declaration: `map_keys` declares each key's own inputs (`a[key]`, plus `ref[key]` for bound
+keys so that sd-mecha evaluates `ref` at all), and the pre-pass reads the other keys through a copy
+of sd-mecha's state-dict view without its per-key limit. Declaring every bound key as an input of
+every bound key is what sd-mecha's contract asks for, but it costs O(keys^2) in sd-mecha's own
+bookkeeping (port sets, and a release walk over every declared input after every output key):
+119 s instead of 3.5 s for an SD1 merge of placeholder tensors, some 13 min for SDXL (extrapolated).
+Declaring the whole model on a single key instead would make the other keys wait for that one,
+which deadlocks whenever sd-mecha reaches another key first (threads=0, or the key missing).
+"""
+# No `from __future__ import annotations`: sd-mecha evaluates the Parameter annotations at runtime.
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from sd_mecha import Parameter, Return, StateDict, StateDictKeyError, merge_method
+from sd_mecha.keys_map import KeyMapBuilder
+from torch import Tensor
+
+from . import events
+from .architectures import config_shapes, permutation_spec
+from .matching import MatchResult, SweepStats, weight_matching
+from .spec import Permutations, PermutationSpec, permute_tensor
+
+IDENTIFIER = "git_rebasin"
+"""sd-mecha 1.1.x already owns `rebasin` (its builtin SDXL-only interface)."""
+
+logger = logging.getLogger(__name__)
+
+_arch_overrides: dict[str, Mapping[str, Mapping[str, Any]]] = {}
+_arch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def arch_override(config: str, arch: Mapping[str, Mapping[str, Any]]) -> Iterator[None]:
+    """Use other architecture facts for `config` in merges started inside the block.
+
+    For tests: tiny models keep the real key names but have other head and GroupNorm group counts,
+    which shapes do not reveal (see `permutation_spec`'s `arch`). Real checkpoints never need it.
+    """
+    with _arch_lock:
+        previous = _arch_overrides.get(config)
+        _arch_overrides[config] = arch
+    try:
+        yield
+    finally:
+        with _arch_lock:
+            if previous is None:
+                _arch_overrides.pop(config, None)
+            else:
+                _arch_overrides[config] = previous
+
+
+@functools.cache
+def bound_keys(config: str) -> frozenset[str]:
+    """Keys of `config` that the permutation rules bind (the same names at any size)."""
+    return frozenset(permutation_spec(config).axes)
+
+
+@functools.cache
+def ema_targets(config: str) -> dict[str, str]:
+    """EMA copies of bound UNet keys (`model_ema.<name without dots>`, SD1/SD2) -> the key they copy.
+
+    They are permuted like the key they copy, so that the EMA weights stay a model of the same
+    function as the permuted UNet (and average with `ref`'s EMA weights unit by unit).
+    """
+    flat = {key[len("model.") :].replace(".", ""): key for key in bound_keys(config) if key.startswith("model.")}
+    prefix = "model_ema."
+    return {k: flat[k[len(prefix) :]] for k in config_shapes(config) if k.startswith(prefix) and k[len(prefix) :] in flat}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    iters: int
+    seed: int
+    threads: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if self.iters < 0:
+            raise ValueError(f"git_rebasin: iters must be >= 0, got {self.iters}")
+        if self.threads < 0:
+            raise ValueError(f"git_rebasin: threads must be >= 0 (0: one per CPU), got {self.threads}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"git_rebasin: device {self.device!r} is not a torch device") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """What the output phase needs: the spec (with the models' real shapes) and the permutations."""
+
+    spec: PermutationSpec
+    perms: Permutations
+    result: MatchResult
+
+
+def _unlimited(state_dict: StateDict[Tensor]) -> StateDict[Tensor]:
+    """`state_dict` without sd-mecha's per-key read limit (see the module docstring).
+
+    sd-mecha 1.1.x passes a `MergeNodeWrapperStateDict` whose `input_keys_constraints` lists the keys
+    declared for the current output key; `None` means no limit (as with `validate_mm_contract=False`).
+    """
+    if getattr(state_dict, "input_keys_constraints", None) is None:
+        return state_dict
+    view = copy.copy(state_dict)
+    view.input_keys_constraints = None
+    return view
+
+
+def _compact(tensor: Tensor) -> Tensor:
+    """A CPU copy in the narrowest float dtype that holds every value exactly.
+
+    sd-mecha upcasts inputs to its merge dtype (fp32 by default); an fp16 checkpoint comes back to
+    fp16 here, so the pre-pass holds two models at their stored size, not twice that.
+    """
+    tensor = tensor.detach().to("cpu")
+    if not tensor.is_floating_point() or tensor.element_size() <= 2:
+        return tensor
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = tensor.to(dtype)
+        if torch.equal(narrow.to(tensor.dtype), tensor):
+            return narrow
+    return tensor
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
+
+    The pre-pass frees gigabytes of tensors of every size (merge-dtype reads, matching temporaries,
+    finally the model copies); glibc keeps much of that in its per-thread heaps, and the next phase
+    (sd-mecha holds every output until the merge ends) would come on top of it.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _sweep_done(stats: SweepStats) -> None:
+    events.emit("sweep", stats=stats)
+    _return_freed_memory()  # each sweep churns through temporaries of every size
+
+
+def _read(state_dict: Mapping[str, Tensor], key: str) -> Tensor | None:
+    try:
+        return state_dict[key]
+    except StateDictKeyError:  # absent (e.g. an optional key), or non-finite and omitted
+        return None
+
+
+def read_models(
+    config: str, a: Mapping[str, Tensor], ref: Mapping[str, Tensor], keys: list[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Compact copies of `keys` from both models; the first shape mismatch is an error at once."""
+    a_out: dict[str, Tensor] = {}
+    ref_out: dict[str, Tensor] = {}
+    for key in keys:
+        a_value, ref_value = _read(a, key), _read(ref, key)
+        if a_value is not None and ref_value is not None and a_value.shape != ref_value.shape:
+            raise ValueError(
+                f"git_rebasin: {key} has shape {tuple(a_value.shape)} in `a` but {tuple(ref_value.shape)} "
+                f"in `ref` (both read as {config}); re-basin needs two models of the same architecture"
+            )
+        if a_value is not None:
+            a_out[key] = _compact(a_value)
+        if ref_value is not None:
+            ref_out[key] = _compact(ref_value)
+    return a_out, ref_out
+
+
+def align(
+    config: str,
+    a: StateDict[Tensor],
+    ref: StateDict[Tensor],
+    settings: Settings,
+    arch: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Alignment:
+    """The pre-pass: read both models, derive the spec from their shapes, run weight matching.
+
+    Keys missing from one model are left out of the matching; the permutations stay legal, and a
+    key of `a` is permuted whether or not `ref` has it.
+    """
+    keys = [key for key in a.model_config.keys() if key in bound_keys(config)]  # config order
+    a_values, ref_values = read_models(config, a, ref, keys)
+    _return_freed_memory()
+    for name, values in (("a", a_values), ("ref", ref_values)):
+        if len(values) < len(keys) / 2:
+            raise ValueError(
+                f"git_rebasin: `{name}` has only {len(values)} of the {len(keys)} keys that the {config} "
+                f"permutation rules bind; is it a {config} model?"
+            )
+    shapes = {key: tuple(value.shape) for key, value in (ref_values | a_values).items()}
+    try:
+        spec = permutation_spec(config, arch=arch, shapes=shapes)
+    except ValueError as e:
+        raise ValueError(f"git_rebasin: the tensor shapes do not fit the {config} architecture: {e}") from e
+    events.emit("prepass_start", spaces=len(spec.spaces), max_iter=settings.iters)
+    start = time.perf_counter()
+    result = weight_matching(
+        spec,
+        ref_values,
+        a_values,
+        max_iter=settings.iters,
+        seed=settings.seed,
+        threads=settings.threads or None,
+        device=settings.device,
+        on_sweep=_sweep_done,
+    )
+    seconds = time.perf_counter() - start
+    events.emit("prepass_end", result=result, seconds=seconds)
+    final = result.final
+    logger.info(
+        "git_rebasin: %d permutations, %d sweeps in %.1f s, converged=%s, distance to ref x%.4f",
+        len(spec.spaces), final.sweep, seconds, result.converged, result.rel_distance,
+    )
+    return Alignment(spec, result.perms, result)
+
+
+@merge_method(identifier=IDENTIFIER, cache_factory=dict)
+class rebasin:
+    """Permute the hidden units of `a` to match `ref` (Git Re-Basin weight matching).
+
+    The result computes the same function as `a` (exactly, up to float rounding) and is as close to
+    `ref` as the legal permutations allow, so that averaging it with `ref` merges like units.
+    """
+
+    @staticmethod
+    def map_keys(b: KeyMapBuilder) -> None:
+        bound = bound_keys(b.output_config.identifier)
+        own_params = [p for p in b.params if p != "ref"]
+        for key in b.keys():
+            own = functools.reduce(lambda x, y: x & y, (getattr(b, p).keys[key] for p in own_params))
+            # `ref[key]` is optional: a key of `a` that `ref` lacks is still permuted.
+            b[key] = (own & b.ref.keys[key]) | own if key in bound else own
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._alignment: Alignment | None = None
+        self._error: BaseException | None = None
+
+    def __call__(
+        self,
+        a: Parameter(StateDict[Tensor]),
+        ref: Parameter(StateDict[Tensor]),
+        iters: Parameter(int) = 100,
+        seed: Parameter(int) = 0,
+        threads: Parameter(int) = 0,
+        device: Parameter(str) = "cpu",
+        **kwargs,
+    ) -> Return(Tensor):
+        """
+        :param a: the model to permute.
+        :param ref: the model to align `a` to; it is only read, never changed.
+        :param iters: the most weight-matching sweeps; matching stops earlier once no permutation changes.
+        :param seed: seeds the order in which each sweep visits the permutations.
+        :param threads: threads for the pre-pass (cost matrices and assignments); 0 picks one per CPU.
+        :param device: torch device for the pre-pass products ("cpu", "cuda", "cuda:1", ...).
+        """
+        key = kwargs["key"]
+        config = a.model_config.identifier
+        bound = ema_targets(config).get(key, key)  # an EMA weight is permuted like the key it copies
+        if bound not in bound_keys(config):
+            return a[key]
+        alignment = self._align_once(config, a, ref, Settings(iters, seed, threads, device), kwargs.get("cache"))
+        return permute_tensor(alignment.spec, bound, a[key], alignment.perms)
+
+    def _align_once(
+        self, config: str, a: StateDict, ref: StateDict, settings: Settings, cache: dict | None
+    ) -> Alignment:
+        """The pre-pass result; the first caller computes it, the others wait for it."""
+        with self._lock:
+            if self._alignment is not None:
+                return self._alignment
+            if self._error is not None:
+                raise self._error  # the same error in every waiting thread: sd-mecha reports any one
+            with _arch_lock:
+                arch = _arch_overrides.get(config)
+            # A cache passed to sd_mecha.merge(cache={node: node.merge_method.create_cache()}) keeps
+            # the permutations for further merges of the same node (e.g. trying several alphas).
+            cache_key = (settings.iters, settings.seed, repr(arch))
+            if cache is not None and cache.get("settings") == cache_key:
+                self._alignment = cache["alignment"]
+                return self._alignment
+            try:
+                self._alignment = align(config, _unlimited(a), _unlimited(ref), settings, arch)
+            except BaseException as e:
+                self._error = e
+                raise
+            finally:
+                _return_freed_memory()  # the model copies of the pre-pass are gone by now
+            if cache is not None:
+                cache.update(settings=cache_key, alignment=self._alignment)
+            return self._alignment
