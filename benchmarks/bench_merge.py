@@ -34,12 +34,11 @@ def pair_paths(config: str) -> tuple[pathlib.Path, pathlib.Path]:
     return CACHE / f"{config}-A.safetensors", CACHE / f"{config}-B-noise{NOISE}.safetensors"
 
 
-def build_pair(config: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """A and B as fp16 safetensors (cached): every float key sd-mecha's config requires, plus the
-    optional ones the permutation rules bind (e.g. SDXL's CLIP-L layer 11)."""
+def build_pair(config: str) -> None:
+    """A and B as fp16 safetensors: every float key sd-mecha's config requires, plus the optional
+    ones the permutation rules bind (e.g. SDXL's CLIP-L layer 11). Runs in a child process, so
+    that the benchmark's own process stays small while the merges run."""
     a_path, b_path = pair_paths(config)
-    if a_path.exists() and b_path.exists():
-        return a_path, b_path
     import sd_mecha
     from bench_weight_matching import fine_tuned_permuted_copy, random_weights
     from safetensors.torch import save_file
@@ -63,7 +62,6 @@ def build_pair(config: str) -> tuple[pathlib.Path, pathlib.Path]:
     del a
     save_file(b, str(b_path))
     print(f"built {a_path.name}, {b_path.name} ({len(shapes)} keys) in {time.perf_counter() - t0:.0f} s", flush=True)
-    return a_path, b_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +112,11 @@ def run_child(kind: str, config: str, iters: int) -> dict:
     out = CACHE / f"{config}-out-{kind}.safetensors"
     cmd = [sys.executable, __file__, config, "--child", kind, "--iters", str(iters)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} merge failed:\n{done.stderr[-3000:]}")
+    if done.returncode != 0:  # -9: most likely the out-of-memory killer
+        raise RuntimeError(f"{kind} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+    if kind == "build":
+        print(done.stdout.strip(), flush=True)
+        return {}
     report = json.loads(done.stdout.strip().splitlines()[-1])
     report["out"] = str(out)
     return report
@@ -153,7 +154,9 @@ def ideal_distance(config: str) -> float:
 
 
 def bench(config: str, iters: int, quality: bool) -> None:
-    a_path, b_path = build_pair(config)
+    a_path, b_path = pair_paths(config)
+    if not (a_path.exists() and b_path.exists()):
+        run_child("build", config, iters)
     kinds = ["ours", "plain"] + (["builtin"] if config == "sdxl-sgm" else [])
     reports = {}
     for kind in kinds:
@@ -182,8 +185,11 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", choices=["sd1-ldm", "sd2-ldm", "sdxl-sgm"])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--no-quality", action="store_true", help="skip the distance of each output to A")
-    parser.add_argument("--child", choices=["ours", "plain", "builtin"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["build", "ours", "plain", "builtin"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "build":
+        build_pair(*args.configs)
+        return
     if args.child:
         (config,) = args.configs
         out = CACHE / f"{config}-out-{args.child}.safetensors"
