@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .. import groups
 from ..spec import PermutationSpec, SpecBuilder
 from .text_encoders import TEXT_ENCODERS
 from .unet import UnetFacts, ldm_unet
@@ -99,9 +100,7 @@ def permutation_spec(
     return b.build()
 
 
-def _pooled_tree(b: SpecBuilder, enc: Mapping[str, Any]):
-    from .. import groups
-
+def _pooled_tree(b: SpecBuilder, enc: Mapping[str, Any]) -> groups.Atom:
     key = enc["prefix"] + ("text_projection" if enc["kind"] == "open_clip" else "text_projection.weight")
     shape = b.shape(key)
     return groups.Atom(shape[1] if enc["kind"] == "open_clip" else shape[0])

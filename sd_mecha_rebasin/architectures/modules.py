@@ -54,10 +54,6 @@ def group_norm(b: SpecBuilder, prefix: str, inp: Input, num_groups: int) -> None
         offset += width
 
 
-def new_stream(b: SpecBuilder, name: str, kind: str, width: int) -> str:
-    return b.stream(name, kind, width)
-
-
 def mlp(b: SpecBuilder, prefix: str, fc_in: str, fc_out: str, stream: str) -> None:
     """Two-layer MLP with an elementwise activation: its hidden units permute freely."""
     hidden = b.space(prefix.rstrip("."), "mlp_hidden", groups.Atom(b.shape(prefix + fc_in + "weight")[0]))

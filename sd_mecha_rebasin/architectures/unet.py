@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .. import groups
 from ..spec import SpecBuilder
-from .modules import attention, geglu, group_norm, linear, new_stream, norm, numbered
+from .modules import attention, geglu, group_norm, linear, norm, numbered
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,19 @@ class UnetWalk:
         if kind == "transformer":
             return self.transformer(p, inp[0])
         conv = {"downsample": "op.", "upsample": "conv.", "conv": ""}[kind]
-        out = new_stream(self.b, p + conv + "out", "unet_stream", self.b.shape(p + conv + "weight")[0])
+        out = self.b.stream(p + conv + "out", "unet_stream", self.b.shape(p + conv + "weight")[0])
         linear(self.b, p + conv, None if kind == "conv" else inp, out)
         return out
 
     def resblock(self, p: str, inp: list[str]) -> str:
         b, g = self.b, self.facts.groupnorm_groups
         group_norm(b, p + "in_layers.0.", inp, g)
-        inner = new_stream(b, p + "inner", "resblock_inner", b.shape(p + "in_layers.2.weight")[0])
+        inner = b.stream(p + "inner", "resblock_inner", b.shape(p + "in_layers.2.weight")[0])
         linear(b, p + "in_layers.2.", inp, inner)
         linear(b, p + "emb_layers.1.", [self.emb], inner)
         group_norm(b, p + "out_layers.0.", [inner], g)
         if b.has(p + "skip_connection.weight"):
-            out = new_stream(b, p + "out", "unet_stream", b.shape(p + "skip_connection.weight")[0])
+            out = b.stream(p + "out", "unet_stream", b.shape(p + "skip_connection.weight")[0])
             linear(b, p + "skip_connection.", inp, out)
         elif len(inp) == 1:
             out = inp[0]
@@ -95,7 +95,7 @@ class UnetWalk:
     def transformer(self, p: str, stream: str) -> str:
         b, f = self.b, self.facts
         group_norm(b, p + "norm.", [stream], f.groupnorm_groups)
-        inner = new_stream(b, p + "inner", "transformer_inner", b.shape(p + "proj_in.weight")[0])
+        inner = b.stream(p + "inner", "transformer_inner", b.shape(p + "proj_in.weight")[0])
         linear(b, p + "proj_in.", [stream], inner)
         for block in numbered(b, p + "transformer_blocks."):
             for n in ("norm1.", "norm2.", "norm3."):
