@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from . import groups
 from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
+from .warm_start import invariant_feature_start
 
 IMPROVEMENT_TOLERANCE = 1e-12
 """A new permutation is kept only if it raises its term of the objective by more than this
@@ -63,68 +64,140 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+PRECISIONS = ("fp32", "bf16")
+"""Matrix-product precision: `fp32` is exact for fp16/bf16 weights (their products are exact in
+float32); `bf16` rounds each operand chunk to bfloat16 (about 2x faster on CPUs with bf16 units)
+and still accumulates across chunks and keys in float32/float64."""
+
+CHUNK_ELEMENTS = 1 << 22
+"""Elements per operand chunk (16 MiB in float32): products are built from slices of this size, so
+the working memory of a product does not grow with the tensor (a 1280x2560x3x3 conv is 29 M)."""
+
+
+def _product_dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _as_matrix(part: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`part` as a contiguous `(len, -1)` matrix in `dtype` on `device`: one copy, any strides."""
+    if device.type != "cpu":
+        part = part.to(device)
+    out = torch.empty(part.shape, dtype=dtype, device=part.device)
+    out.copy_(part)
+    return out.view(part.shape[0], -1)
+
+
+def _paired_chunks(
+    ref_value: torch.Tensor, model_value: torch.Tensor, axis: int, seg, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`(a, b)` matrix pairs, `(m, k_i)` each, with `sum_i a_i @ b_i.T` = the segment's product.
+
+    `a` and `b` slice `ref` and `model` at the segment's units along `axis`; slices run along the
+    first other axis, so no full-size copy is ever made.
+    """
+    m = len(seg.units)
+    a = ref_value.narrow(axis, seg.start, m).movedim(axis, 0)
+    b = model_value.narrow(axis, seg.start, m).movedim(axis, 0)
+    if a.dim() == 1:
+        yield _as_matrix(a[:, None], dtype, device), _as_matrix(b[:, None], dtype, device)
+        return
+    width = a.shape[1]
+    step = max(1, CHUNK_ELEMENTS // max(1, a[:, :1].numel()))
+    for lo in range(0, width, step):
+        yield _as_matrix(a[:, lo : lo + step], dtype, device), _as_matrix(b[:, lo : lo + step], dtype, device)
+
+
 def _cost_matrix(
     spec: PermutationSpec,
     space: str,
     ref: Mapping[str, torch.Tensor],
-    model: Mapping[str, torch.Tensor],
-    perms: Permutations,
+    aligned: Mapping[str, torch.Tensor],
+    applied: np.ndarray,
     device: torch.device,
-    own_keys_only: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """`C[u, v] = sum over axes of <ref slice at unit u, pi_-p(model) slice at unit v>` (float64).
 
-    Products run in float32 on `device`, one tensor at a time, whatever the stored dtype.
-    `own_keys_only` keeps the tensors that no other space permutes (biases, norms): cheap, and
-    independent of every other permutation.
+    `aligned` is the model with every current permutation applied, `space`'s own (`applied`)
+    included: its products give `C[:, applied]`, whose columns are put back in place at the end.
+    Products run chunk by chunk on `device` in the precision's dtype and accumulate in float32.
     """
     n = spec.spaces[space].size
-    cost = torch.zeros(n, n, dtype=torch.float64)
-    others = {name: p for name, p in perms.items() if name != space}
+    dtype = _product_dtype(precision)
+    cost = torch.zeros(n, n, dtype=torch.float32, device=device)
     for key in spec.keys_of(space):
-        if key not in ref or key not in model:
+        if key not in ref or key not in aligned:
             continue
-        if own_keys_only and spec.spaces_of(key) != [space]:
-            continue
-        a_full = ref[key]
-        b_full = permute_tensor(spec, key, model[key], others)
         for axis, segments in spec.axes[key].items():
             for seg in segments:
                 if seg.space != space:
                     continue
                 m = len(seg.units)
-                a = a_full.narrow(axis, seg.start, m).movedim(axis, 0).reshape(m, -1)
-                b = b_full.narrow(axis, seg.start, m).movedim(axis, 0).reshape(m, -1)
-                a = a.to(device=device, dtype=torch.float32)
-                b = b.to(device=device, dtype=torch.float32)
-                product = (a @ b.T).to("cpu", torch.float64)
-                units = torch.from_numpy(seg.units)
-                if np.array_equal(seg.units, np.arange(seg.units[0], seg.units[0] + m)):
-                    lo = int(seg.units[0])
-                    cost[lo : lo + m, lo : lo + m] += product
-                else:
-                    cost.index_put_((units[:, None], units[None, :]), product, accumulate=True)
-    return cost.numpy()
+                lo = int(seg.units[0])
+                contiguous = np.array_equal(seg.units, np.arange(lo, lo + m))
+                block = cost[lo : lo + m, lo : lo + m] if contiguous else torch.zeros(m, m, device=device)
+                for a, b in _paired_chunks(ref[key], aligned[key], axis, seg, dtype, device):
+                    if dtype == torch.float32:
+                        block.addmm_(a, b.T)
+                    else:
+                        block += a @ b.T
+                if not contiguous:
+                    units = torch.from_numpy(seg.units).to(device)
+                    cost.index_put_((units[:, None], units[None, :]), block, accumulate=True)
+    if not np.array_equal(applied, np.arange(n)):
+        cost = cost[:, torch.from_numpy(np.argsort(applied)).to(device)]
+    return cost.to("cpu", torch.float64).numpy()
 
 
 def _solve(
     spec: PermutationSpec,
     space: str,
     ref: Mapping[str, torch.Tensor],
-    model: Mapping[str, torch.Tensor],
-    perms: Permutations,
+    aligned: Mapping[str, torch.Tensor],
+    applied: np.ndarray,
     device: torch.device,
     solver: str | None,
-) -> tuple[np.ndarray, bool]:
+    precision: str,
+) -> tuple[np.ndarray, float]:
     """Best legal permutation of `space` with the others fixed, and its gain in the objective."""
-    cost = _cost_matrix(spec, space, ref, model, perms, device)
-    old = perms[space]
+    cost = _cost_matrix(spec, space, ref, aligned, applied, device, precision)
     new = groups.best_element(spec.spaces[space].tree, cost, solver)
-    rows = np.arange(len(old))
-    old_value, new_value = math.fsum(cost[rows, old]), math.fsum(cost[rows, new])
+    rows = np.arange(len(applied))
+    old_value, new_value = math.fsum(cost[rows, applied]), math.fsum(cost[rows, new])
     if new_value > old_value + IMPROVEMENT_TOLERANCE * max(1.0, abs(old_value)):
         return new, new_value - old_value
-    return old, 0.0
+    return applied, 0.0
+
+
+class AlignedModel:
+    """The model with the current permutations applied, kept up to date one changed space at a time.
+
+    Products then read plain slices instead of gathering every other axis each time (gathers were
+    a sixth of a sweep). `values` starts as the caller's tensors; a key is copied the first time
+    one of its spaces moves, or, with `overwrite`, replaced in the caller's own mapping (one model
+    of memory saved; the mapping then holds the permuted model).
+    """
+
+    def __init__(self, spec: PermutationSpec, model: Mapping[str, torch.Tensor], overwrite: bool = False):
+        self.spec = spec
+        self.values: dict[str, torch.Tensor] | Mapping[str, torch.Tensor] = model if overwrite else dict(model)
+        self.perms: Permutations = identity_permutation(spec)
+
+    def move_to(self, perms: Permutations) -> None:
+        """Apply the permutations of the spaces in `perms` (each relative to the original model)."""
+        delta = {
+            name: np.argsort(self.perms[name])[p]
+            for name, p in perms.items()
+            if not np.array_equal(p, self.perms[name])
+        }
+        keys = {key for name in delta for key in self.spec.keys_of(name)}
+        for key in sorted(keys):
+            if key in self.values:
+                self.values[key] = permute_tensor(self.spec, key, self.values[key], delta)
+        for name in delta:
+            self.perms[name] = perms[name].copy()
 
 
 def _accurate_sum(x: torch.Tensor, row: int = 4096) -> float:
@@ -143,30 +216,41 @@ def objective_and_distance(
 ) -> tuple[float, float]:
     """`(sum_k <ref_k, pi(model_k)>, sum_k ||ref_k - pi(model_k)||^2)` over the spec's keys.
 
-    One tensor at a time in float32 (products of fp16 values are exact in float32).
+    In float32 slices of at most `CHUNK_ELEMENTS` (products of fp16 values are exact in float32).
     """
-    dot = sq = 0.0
+    return objectives_and_distances(spec, ref, model, [perms])[0]
+
+
+def objectives_and_distances(
+    spec: PermutationSpec,
+    ref: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    candidates: list[Permutations],
+) -> list[tuple[float, float]]:
+    """`objective_and_distance` for several candidate permutations in one pass over the tensors."""
+    totals = [[0.0, 0.0] for _ in candidates]
     for key in spec.axes:
-        if key in ref and key in model:
-            a = ref[key].float()
-            b = permute_tensor(spec, key, model[key], perms).float()
-            dot += _accurate_sum(a * b)
-            sq += _accurate_sum((a - b).square_())
-    return dot, sq
-
-
-def _warm_start(spec, ref, model, perms, device, solver) -> Permutations:
-    """Each permutation solved from its own tensors alone (biases, norms, GEGLU/MLP biases).
-
-    For fine-tunes of one base these already pin most permutations, so the sweeps that follow
-    mostly confirm instead of search; spaces with no tensor of their own keep their permutation.
-    """
-    out = dict(perms)
-    for name, space in spec.spaces.items():
-        if any(spec.spaces_of(k) == [name] for k in spec.keys_of(name)):
-            cost = _cost_matrix(spec, name, ref, model, perms, device, own_keys_only=True)
-            out[name] = groups.best_element(space.tree, cost, solver)
-    return out
+        if key not in ref or key not in model:
+            continue
+        a_full, b_full = ref[key], model[key]
+        if a_full.dim() == 0:
+            a_full, b_full = a_full[None], b_full[None]
+        step = max(1, CHUNK_ELEMENTS // max(1, a_full[:1].numel()))
+        gathers = [
+            {axis: index for axis in spec.axes[key] if (index := spec.gather_index(key, axis, perms)) is not None}
+            for perms in candidates
+        ]
+        for lo in range(0, a_full.shape[0], step):
+            a = a_full[lo : lo + step].float()
+            for total, gather in zip(totals, gathers):
+                b = b_full.index_select(0, gather[0][lo : lo + step]) if 0 in gather else b_full[lo : lo + step]
+                for axis, index in gather.items():
+                    if axis != 0:
+                        b = b.index_select(axis, index)
+                b = b.float()
+                total[0] += _accurate_sum(a * b)
+                total[1] += _accurate_sum((b - a).square_())
+    return [(dot, sq) for dot, sq in totals]
 
 
 def _batches(order: list[str], spec: PermutationSpec) -> list[list[str]]:
@@ -195,38 +279,55 @@ def weight_matching(
     threads: int | None = None,
     device: str | torch.device = "cpu",
     solver: str | None = None,
+    precision: str = "fp32",
     init: Permutations | None = None,
-    warm_start: bool = False,
+    warm_start: bool = True,
+    overwrite_model: bool = False,
     on_sweep: Callable[[SweepStats], None] | None = None,
 ) -> MatchResult:
     """Find the permutations of `model` that bring it closest to `ref` (legal ones only).
 
     `apply_permutation(spec, result.perms, model)` is `model` aligned to `ref`. Tensors may be
-    fp16/bf16/fp32; products accumulate in float32 and cost matrices in float64. `threads=None`
-    uses every CPU; the result is bit-identical for any thread count with the same seed.
-    `warm_start` first solves each permutation from its own biases and norms (kept only if that
-    raises the objective): fewer sweeps, but those low-rank cost matrices make exact assignments
-    slow at full size (about 40 s for one 5120-wide GEGLU), so it is off by default. `init`
-    starts from given permutations instead of the identity.
+    fp16/bf16/fp32; products accumulate in float32 and cost matrices in float64 (`precision="bf16"`
+    rounds the product operands to bfloat16 first: faster, approximate). `threads=None` uses every
+    CPU; the result is bit-identical for any thread count with the same seed. `init` starts from
+    given permutations instead of the identity; `warm_start` first tries the invariant-feature
+    start (see `warm_start.py`) and keeps it only if its objective beats the starting point's.
+    `overwrite_model` lets matching replace the tensors of the (mutable) `model` mapping by
+    permuted ones instead of holding a permuted copy: it then holds the aligned model.
     """
     device = torch.device(device)
+    _product_dtype(precision)  # reject an unknown precision before any work
     threads = threads or default_threads()
-    perms = {name: p.copy() for name, p in (init or identity_permutation(spec)).items()}
+    start = {name: p.copy() for name, p in (init or {}).items()}
     for name in spec.spaces:
-        perms.setdefault(name, groups.identity(spec.spaces[name].tree))
+        start.setdefault(name, groups.identity(spec.spaces[name].tree))
     rng = np.random.default_rng(seed)
     names = sorted(spec.spaces)
     neighbours = {name: spec.neighbours(name) for name in names}
-    dot, sq = objective_and_distance(spec, ref, model, perms)
-    base = math.sqrt(sq) if sq > 0 else 1.0
-    if warm_start:
-        warm = _warm_start(spec, ref, model, perms, device, solver)
-        warm_dot, warm_sq = objective_and_distance(spec, ref, model, warm)
-        if warm_dot > dot:  # keep it only if it is a better starting point
-            perms, dot, sq = warm, warm_dot, warm_sq
-    history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, 0.0)]
+    t0 = time.perf_counter()
+    warm = None
+    if warm_start and max_iter > 0:  # from the untouched model: its features do not depend on `start`
+        warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver)
+    aligned = AlignedModel(spec, model, overwrite=overwrite_model)
+    moved_start = any(not np.array_equal(p, np.arange(len(p))) for p in start.values())
+    candidates = [{}, start] if moved_start else [{}]  # one pass for both
+    figures = objectives_and_distances(spec, ref, aligned.values, candidates)
+    base = math.sqrt(figures[0][1]) if figures[0][1] > 0 else 1.0
+    dot, sq = figures[-1]
+    if warm is not None:  # keep it only if it is a better starting point
+        aligned.move_to(warm)
+        warm_dot, warm_sq = objective_and_distance(spec, ref, aligned.values, {})
+        if warm_dot > dot:
+            dot, sq = warm_dot, warm_sq
+        else:
+            aligned.move_to(start)
+    else:
+        aligned.move_to(start)
+    history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, time.perf_counter() - t0)]
     dirty = set(names)
     converged = False
+    moved = False
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for sweep in range(1, max_iter + 1):
             t0 = time.perf_counter()
@@ -234,19 +335,26 @@ def weight_matching(
             changed = solved = 0
             for batch in _batches(order, spec):
                 todo = [name for name in batch if name in dirty]
-                snapshot = dict(perms)
-                futures = [pool.submit(_solve, spec, name, ref, model, snapshot, device, solver) for name in todo]
+                futures = [
+                    pool.submit(
+                        _solve, spec, name, ref, aligned.values, aligned.perms[name], device, solver, precision
+                    )
+                    for name in todo
+                ]
                 results = [f.result() for f in futures]
+                updates = {}
                 for name, (perm, gain) in zip(todo, results):
                     dirty.discard(name)
                     solved += 1
                     if gain > 0:
-                        perms[name] = perm
+                        updates[name] = perm
                         changed += 1
                         dirty |= neighbours[name]
                         # Norms do not change under permutation: ||A - pi B||^2 moves by -2 * gain.
                         dot += gain
                         sq -= 2 * gain
+                aligned.move_to(updates)
+                moved = moved or bool(updates)
             stats = SweepStats(sweep, dot, changed, solved, math.sqrt(max(sq, 0.0)) / base, time.perf_counter() - t0)
             history.append(stats)
             if on_sweep is not None:
@@ -254,5 +362,6 @@ def weight_matching(
             if changed == 0:
                 converged = True
                 break
-    exact_dot, exact_sq = objective_and_distance(spec, ref, model, perms)
-    return MatchResult(perms, history, converged, exact_dot, math.sqrt(exact_sq) / base)
+    if moved:  # the final figures recomputed from the tensors, not from the tracked gains
+        dot, sq = objective_and_distance(spec, ref, aligned.values, {})
+    return MatchResult(aligned.perms, history, converged, dot, math.sqrt(sq) / base)

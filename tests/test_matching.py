@@ -7,8 +7,15 @@ import pytest
 import torch
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
-from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, weight_matching
-from sd_mecha_rebasin.spec import invert
+from sd_mecha_rebasin import (
+    apply_permutation,
+    matching,
+    permutation_spec,
+    random_permutation,
+    weight_matching,
+)
+from sd_mecha_rebasin.spec import identity_permutation, invert, permute_tensor
+from sd_mecha_rebasin.warm_start import invariant_feature_start
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 
@@ -40,9 +47,10 @@ def case(request):
     return family, spec, ref, hidden, model
 
 
-def test_recovers_a_random_permutation_exactly(case):
+@pytest.mark.parametrize("warm_start", [False, True], ids=["from-identity", "warm-start"])
+def test_recovers_a_random_permutation_exactly(case, warm_start):
     _, spec, ref, hidden, model = case
-    result = weight_matching(spec, ref, model, seed=0, threads=2)
+    result = weight_matching(spec, ref, model, seed=0, threads=2, warm_start=warm_start)
     assert result.converged
     aligned = apply_permutation(spec, result.perms, model)
     assert max((aligned[k] - ref[k]).abs().max().item() for k in ref) == 0.0
@@ -51,10 +59,13 @@ def test_recovers_a_random_permutation_exactly(case):
     assert sum(not np.array_equal(result.perms[n], expected[n]) for n in spec.spaces) == 0
 
 
-def test_recovers_under_fine_tune_noise(case):
+@pytest.mark.parametrize(
+    "warm_start, precision", [(False, "fp32"), (True, "fp32"), (False, "bf16")], ids=["identity", "warm", "bf16"]
+)
+def test_recovers_under_fine_tune_noise(case, warm_start, precision):
     _, spec, ref, hidden, model = case
     noisy = add_noise(model, 0.01, seed=3)
-    result = weight_matching(spec, ref, noisy, seed=0, threads=2)
+    result = weight_matching(spec, ref, noisy, seed=0, threads=2, warm_start=warm_start, precision=precision)
     expected = invert(hidden)
     wrong = [n for n in spec.spaces if not np.array_equal(result.perms[n], expected[n])]
     assert wrong == []
@@ -69,7 +80,7 @@ def test_objective_never_decreases(case):
     # objective is recomputed from the tensors, independently of the gains the solver tracked.
     exact = []
     for sweeps in range(0, 5):
-        result = weight_matching(spec, ref, noisy, seed=1, threads=2, max_iter=sweeps)
+        result = weight_matching(spec, ref, noisy, seed=1, threads=2, max_iter=sweeps, warm_start=False)
         exact.append(result.objective)
         tracked = [s.objective for s in result.history]
         assert all(after >= before for before, after in zip(tracked, tracked[1:]))
@@ -84,6 +95,7 @@ def test_thread_count_does_not_change_the_result(case):
     noisy = add_noise(model, 0.3, seed=5)
     one = weight_matching(spec, ref, noisy, seed=2, threads=1, max_iter=3)
     two = weight_matching(spec, ref, noisy, seed=2, threads=2, max_iter=3)
+    assert len(one.history) > 2  # the pair is hard enough to need several sweeps
     assert all(np.array_equal(one.perms[n], two.perms[n]) for n in spec.spaces)
     assert [s.objective for s in one.history] == [s.objective for s in two.history]
 
@@ -106,3 +118,67 @@ def test_scipy_and_lapx_solvers_find_the_same_permutations():
     fast = weight_matching(spec, ref, noisy, solver="lapx", max_iter=5, threads=2)
     slow = weight_matching(spec, ref, noisy, solver="scipy", max_iter=5, threads=2)
     assert all(np.array_equal(fast.perms[n], slow.perms[n]) for n in spec.spaces)
+
+
+def test_warm_start_alone_recovers_an_exact_copy(case):
+    _, spec, ref, hidden, model = case
+    start = invariant_feature_start(spec, ref, model, identity_permutation(spec), threads=2)
+    expected = invert(hidden)
+    assert [n for n in spec.spaces if not np.array_equal(start[n], expected[n])] == []
+
+
+def test_warm_start_is_kept_only_when_it_beats_the_start(case):
+    _, spec, ref, hidden, model = case
+    # Starting from the answer, a warm start can only tie it: the answer stays and one sweep confirms it.
+    result = weight_matching(spec, ref, model, init=invert(hidden), threads=2)
+    assert result.history[0].rel_distance == 0.0 and len(result.history) == 2 and result.converged
+
+
+def test_matching_leaves_its_inputs_untouched(case):
+    _, spec, ref, _, model = case
+    noisy = add_noise(model, 0.2, seed=6)
+    before = {k: v.clone() for k, v in noisy.items()}, {k: v.clone() for k, v in ref.items()}
+    weight_matching(spec, ref, noisy, threads=2, max_iter=2)
+    assert all(torch.equal(noisy[k], before[0][k]) for k in noisy)
+    assert all(torch.equal(ref[k], before[1][k]) for k in ref)
+
+
+def reference_cost(spec, space, ref, model, perms):
+    """The cost matrix straight from the definition: whole tensors, float64."""
+    n = spec.spaces[space].size
+    cost = torch.zeros(n, n, dtype=torch.float64)
+    others = {name: p for name, p in perms.items() if name != space}
+    for key in spec.keys_of(space):
+        b_full = permute_tensor(spec, key, model[key], others)
+        for axis, segments in spec.axes[key].items():
+            for seg in segments:
+                if seg.space == space:
+                    m = len(seg.units)
+                    a = ref[key].narrow(axis, seg.start, m).movedim(axis, 0).reshape(m, -1).double()
+                    b = b_full.narrow(axis, seg.start, m).movedim(axis, 0).reshape(m, -1).double()
+                    units = torch.from_numpy(seg.units)
+                    cost[units[:, None], units[None, :]] += a @ b.T
+    return cost.numpy()
+
+
+def test_chunked_products_match_the_definition(case, monkeypatch):
+    _, spec, ref, hidden, model = case
+    noisy = add_noise(model, 0.3, seed=8)
+    perms = random_permutation(spec, seed=4)
+    monkeypatch.setattr(matching, "CHUNK_ELEMENTS", 1000)  # several ragged chunks per tensor
+    aligned = apply_permutation(spec, perms, noisy)
+    for space in sorted(spec.spaces):
+        expected = reference_cost(spec, space, ref, noisy, perms)
+        got = matching._cost_matrix(spec, space, ref, aligned, perms[space], torch.device("cpu"))
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() <= 1e-5 * scale, space
+    dot, sq = matching.objective_and_distance(spec, ref, noisy, perms)
+    assert dot == pytest.approx(sum(float((ref[k].double() * aligned[k].double()).sum()) for k in spec.axes), rel=1e-6)
+    assert sq == pytest.approx(sum(float((ref[k].double() - aligned[k].double()).square().sum()) for k in spec.axes), rel=1e-6)
+
+
+def test_unknown_precision_is_refused():
+    spec, shapes = tiny_spec("sd1")
+    ref = random_state_dict(shapes, seed=3)
+    with pytest.raises(ValueError, match="precision"):
+        weight_matching(spec, ref, ref, precision="fp16")
