@@ -90,7 +90,12 @@ def _as_matrix(part: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _paired_chunks(
-    ref_value: torch.Tensor, model_value: torch.Tensor, axis: int, seg, dtype: torch.dtype, device: torch.device
+    ref_value: torch.Tensor,
+    model_value: torch.Tensor,
+    axis: int,
+    seg,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`(a, b)` matrix pairs, `(m, k_i)` each, with `sum_i a_i @ b_i.T` = the segment's product.
 
@@ -182,7 +187,9 @@ class AlignedModel:
 
     def __init__(self, spec: PermutationSpec, model: Mapping[str, torch.Tensor], overwrite: bool = False):
         self.spec = spec
-        self.values: dict[str, torch.Tensor] | Mapping[str, torch.Tensor] = model if overwrite else dict(model)
+        self.values: dict[str, torch.Tensor] | Mapping[str, torch.Tensor] = (
+            model if overwrite else dict(model)
+        )
         self.perms: Permutations = identity_permutation(spec)
 
     def move_to(self, perms: Permutations) -> None:
@@ -237,13 +244,21 @@ def objectives_and_distances(
             a_full, b_full = a_full[None], b_full[None]
         step = max(1, CHUNK_ELEMENTS // max(1, a_full[:1].numel()))
         gathers = [
-            {axis: index for axis in spec.axes[key] if (index := spec.gather_index(key, axis, perms)) is not None}
+            {
+                axis: index
+                for axis in spec.axes[key]
+                if (index := spec.gather_index(key, axis, perms)) is not None
+            }
             for perms in candidates
         ]
         for lo in range(0, a_full.shape[0], step):
             a = a_full[lo : lo + step].float()
             for total, gather in zip(totals, gathers):
-                b = b_full.index_select(0, gather[0][lo : lo + step]) if 0 in gather else b_full[lo : lo + step]
+                b = (
+                    b_full.index_select(0, gather[0][lo : lo + step])
+                    if 0 in gather
+                    else b_full[lo : lo + step]
+                )
                 for axis, index in gather.items():
                     if axis != 0:
                         b = b.index_select(axis, index)
@@ -337,7 +352,15 @@ def weight_matching(
                 todo = [name for name in batch if name in dirty]
                 futures = [
                     pool.submit(
-                        _solve, spec, name, ref, aligned.values, aligned.perms[name], device, solver, precision
+                        _solve,
+                        spec,
+                        name,
+                        ref,
+                        aligned.values,
+                        aligned.perms[name],
+                        device,
+                        solver,
+                        precision,
                     )
                     for name in todo
                 ]
@@ -355,7 +378,9 @@ def weight_matching(
                         sq -= 2 * gain
                 aligned.move_to(updates)
                 moved = moved or bool(updates)
-            stats = SweepStats(sweep, dot, changed, solved, math.sqrt(max(sq, 0.0)) / base, time.perf_counter() - t0)
+            stats = SweepStats(
+                sweep, dot, changed, solved, math.sqrt(max(sq, 0.0)) / base, time.perf_counter() - t0
+            )
             history.append(stats)
             if on_sweep is not None:
                 on_sweep(stats)

@@ -397,7 +397,9 @@ def test_merge_end_to_end(models, tmp_path, capsys):
     summary = json.loads(out)
     assert summary["output"] == "merged.safetensors" and summary["family"] == "SD1"
     assert summary["converged"] and summary["rel_distance"] < 0.05 and summary["alpha"] == 0.5
-    assert summary["permutations_changed"] > 100 and summary["sweeps"] >= 2
+    assert (
+        summary["permutations_changed"] > 100 and summary["sweeps"] >= 1
+    )  # the warm start often leaves one confirming sweep
     assert summary["kept_keys"] == {"buffers": 1, "scheduler": 12} and summary["left_out_keys"] == 0
     assert "re-basin sweep" in err and "keys" in err  # the two progress bars
     assert sorted(p.name for p in tmp_path.iterdir()) == [

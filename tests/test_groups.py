@@ -13,7 +13,9 @@ from sd_mecha_rebasin.groups import Atom, Block, Cut
 
 def _all_elements(node):
     """Every automorphism of a small tree, by brute force over all permutations."""
-    return [np.array(p) for p in itertools.permutations(range(node.size)) if groups.is_element(node, np.array(p))]
+    return [
+        np.array(p) for p in itertools.permutations(range(node.size)) if groups.is_element(node, np.array(p))
+    ]
 
 
 SMALL_TREES = [

@@ -60,7 +60,9 @@ def test_recovers_a_random_permutation_exactly(case, warm_start):
 
 
 @pytest.mark.parametrize(
-    "warm_start, precision", [(False, "fp32"), (True, "fp32"), (False, "bf16")], ids=["identity", "warm", "bf16"]
+    "warm_start, precision",
+    [(False, "fp32"), (True, "fp32"), (False, "bf16")],
+    ids=["identity", "warm", "bf16"],
 )
 def test_recovers_under_fine_tune_noise(case, warm_start, precision):
     _, spec, ref, hidden, model = case
@@ -173,8 +175,12 @@ def test_chunked_products_match_the_definition(case, monkeypatch):
         scale = np.abs(expected).max()
         assert np.abs(got - expected).max() <= 1e-5 * scale, space
     dot, sq = matching.objective_and_distance(spec, ref, noisy, perms)
-    assert dot == pytest.approx(sum(float((ref[k].double() * aligned[k].double()).sum()) for k in spec.axes), rel=1e-6)
-    assert sq == pytest.approx(sum(float((ref[k].double() - aligned[k].double()).square().sum()) for k in spec.axes), rel=1e-6)
+    assert dot == pytest.approx(
+        sum(float((ref[k].double() * aligned[k].double()).sum()) for k in spec.axes), rel=1e-6
+    )
+    assert sq == pytest.approx(
+        sum(float((ref[k].double() - aligned[k].double()).square().sum()) for k in spec.axes), rel=1e-6
+    )
 
 
 def test_unknown_precision_is_refused():

@@ -34,7 +34,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 NOISE = 0.01  # fine-tune-like: 1% of each tensor's std
 VAE_KEY = "first_stage_model.decoder.conv_in.weight"  # outside the permutation spec
-EMA_KEY, EMA_OF = "model_ema.diffusion_modelinput_blocks00weight", "model.diffusion_model.input_blocks.0.0.weight"
+EMA_KEY, EMA_OF = (
+    "model_ema.diffusion_modelinput_blocks00weight",
+    "model.diffusion_model.input_blocks.0.0.weight",
+)
 
 
 def quiet_tqdm(*args, **kwargs):
@@ -139,7 +142,7 @@ def test_registered_under_its_own_identifier():
     assert sd_mecha_rebasin.rebasin is rebasin
     assert mecha_methods.resolve("rebasin") is not rebasin  # sd-mecha's builtin stays as it is
     names = list(rebasin.get_signature().parameters)
-    assert names == ["a", "ref", "iters", "seed", "threads", "device", "kwargs"]
+    assert names == ["a", "ref", "iters", "seed", "threads", "device", "precision", "kwargs"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +213,12 @@ def test_inputs_may_be_recipe_nodes(tiny):
     fine1, fine2 = t.fine_tune(seed=11), t.fine_tune(seed=12)
     b1 = t.model("fine11_permuted13", t.permuted(fine1, seed=13))
     b2 = t.model("fine12_permuted13", t.permuted(fine2, seed=13))
-    ref_node = sd_mecha.weighted_sum(t.model("ref", t.ref), t.model("fine14", t.fine_tune(seed=14)), alpha=0.5)
-    out = t.merge(sd_mecha.weighted_sum(ref_node, rebasin(sd_mecha.weighted_sum(b1, b2), ref_node), alpha=0.3))
+    ref_node = sd_mecha.weighted_sum(
+        t.model("ref", t.ref), t.model("fine14", t.fine_tune(seed=14)), alpha=0.5
+    )
+    out = t.merge(
+        sd_mecha.weighted_sum(ref_node, rebasin(sd_mecha.weighted_sum(b1, b2), ref_node), alpha=0.3)
+    )
     aligned = sd_mecha.weighted_sum(t.model("fine11", fine1), t.model("fine12", fine2))
     assert_same(out, t.merge(sd_mecha.weighted_sum(ref_node, aligned, alpha=0.3)))
 
@@ -228,7 +235,9 @@ def test_keys_outside_the_spec_pass_through_and_keys_missing_in_ref_are_still_pe
     b_values |= {VAE_KEY: torch.randn(4, 4, 3, 3), EMA_KEY: b_values[EMA_OF].clone()}
     missing = "model.diffusion_model.input_blocks.4.1.proj_out.weight"
     ref_values = {k: v for k, v in t.ref.items() if k != missing}
-    out = t.merge(rebasin(t.model("fine41_permuted42_vae_ema", b_values), t.model("ref_without_key", ref_values)))
+    out = t.merge(
+        rebasin(t.model("fine41_permuted42_vae_ema", b_values), t.model("ref_without_key", ref_values))
+    )
     assert not torch.equal(b_values[EMA_OF], fine[EMA_OF])
     assert_same(out, fine | {VAE_KEY: b_values[VAE_KEY], EMA_KEY: fine[EMA_OF]})
 
@@ -263,7 +272,10 @@ def test_architecture_mismatch_is_an_error_before_matching(tiny, other, config):
     t = tiny("sd1")
     if other == "sd1":  # same keys, one tensor of another shape
         key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
-        values, expected = t.ref | {key: torch.zeros(48, 32, 3, 3)}, rf"{key}.*\(32, 32, 3, 3\).*\(48, 32, 3, 3\)"
+        values, expected = (
+            t.ref | {key: torch.zeros(48, 32, 3, 3)},
+            rf"{key}.*\(32, 32, 3, 3\).*\(48, 32, 3, 3\)",
+        )
     else:
         values, expected = tiny(other).ref, r"has shape \(.*\) in `a` but \(.*\) in `ref`"
     ref = t.model(f"{other}_odd" if other == "sd1" else f"other_{other}", values, config=config)
@@ -277,7 +289,12 @@ def test_architecture_mismatch_is_an_error_before_matching(tiny, other, config):
 def test_parameters_are_checked(tiny):
     t = tiny("sd1")
     ref = t.model("ref", t.ref)
-    for kwargs, message in (({"iters": -1}, "iters"), ({"threads": -2}, "threads"), ({"device": "gpu0"}, "device")):
+    for kwargs, message in (
+        ({"iters": -1}, "iters"),
+        ({"threads": -2}, "threads"),
+        ({"device": "gpu0"}, "device"),
+        ({"precision": "fp16"}, "precision"),
+    ):
         with pytest.raises(ValueError, match=message):
             t.merge(rebasin(ref, ref, **kwargs))
 
@@ -305,7 +322,10 @@ def test_an_explicit_cache_keeps_the_permutations_between_merges(tiny):
     node = rebasin(t.model("fine51_permuted52", t.permuted(fine, seed=52)), ref)
     cache = {node: node.merge_method.create_cache()}
     recipe = sd_mecha.weighted_sum(ref, node, alpha=0.7)
-    assert _prepass_events(t, sd_mecha.weighted_sum(ref, node, alpha=0.3), cache=cache).count("prepass_start") == 1
+    assert (
+        _prepass_events(t, sd_mecha.weighted_sum(ref, node, alpha=0.3), cache=cache).count("prepass_start")
+        == 1
+    )
     out, seen = _merge_and_events(t, recipe, cache=cache)
     assert "prepass_start" not in seen
     assert_same(out, t.merge(sd_mecha.weighted_sum(ref, t.model("fine51", fine), alpha=0.7)))
@@ -319,8 +339,9 @@ def test_an_explicit_cache_keeps_the_permutations_between_merges(tiny):
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(tiny, tmp_path):
@@ -348,6 +369,8 @@ def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(tiny, tmp_p
     assert_same(load_file(str(out)), expected)
 
     # without the import, sd-mecha does not know the method; its message names it
-    failed = _run_python(f"import sd_mecha, pathlib; sd_mecha.deserialize_path(pathlib.Path({str(recipe_path)!r}))")
+    failed = _run_python(
+        f"import sd_mecha, pathlib; sd_mecha.deserialize_path(pathlib.Path({str(recipe_path)!r}))"
+    )
     assert failed.returncode != 0
     assert "unknown merge method: 'git_rebasin'" in failed.stderr

@@ -68,13 +68,17 @@ def merge_mecha(stem: str) -> dict[str, torch.Tensor]:
 
 def test_mecha_files_are_what_the_recipe_functions_serialize():
     for stem in write_mecha.RECIPES:
-        assert (RECIPES / f"{stem}.mecha").read_text() == write_mecha.mecha_text(stem), f"run recipes/write_mecha.py ({stem})"
+        assert (RECIPES / f"{stem}.mecha").read_text() == write_mecha.mecha_text(stem), (
+            f"run recipes/write_mecha.py ({stem})"
+        )
 
 
 def test_rebasin_average_script(models):
     m = models("B", A=None, B=1)
     with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
-        rebasin_average.main(["A.safetensors", "B.safetensors", "out.safetensors", "--alpha", "0.3", "--dtype", "fp32"])
+        rebasin_average.main(
+            ["A.safetensors", "B.safetensors", "out.safetensors", "--alpha", "0.3", "--dtype", "fp32"]
+        )
     expected = merge(sd_mecha.weighted_sum(m["A"], m["B"], alpha=0.3))
     assert_same(load_file("out.safetensors"), expected)
 
