@@ -5,7 +5,7 @@
 A is random (fan-in-scaled, fp16) over the config's keys; B is a legal random permutation of A
 plus 1% noise. Both are built once and cached under .bench_cache/ (gitignored). Each merge runs
 in its own process, which reports its wall time and peak RSS:
-- ours: `weighted_sum(A, git_rebasin(B, A), 0.5)`;
+- ours: `weighted_sum(A, git_rebasin(B, A), 0.5)`, and ours-bf16 with `precision="bf16"`;
 - plain: sd-mecha's `weighted_sum(A, B, 0.5)`, the floor;
 - builtin (sdxl-sgm only): `weighted_sum(A, rebasin(B, A), 0.5)` with sd-mecha's own SDXL `rebasin`.
 Then (unless --no-quality) each output's distance to A is compared with the ideal merge's,
@@ -21,6 +21,7 @@ import pathlib
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -69,6 +70,8 @@ def build_pair(config: str) -> None:
 
 
 def run_one(kind: str, config: str, out: pathlib.Path, iters: int) -> dict:
+    """One merge; the phases are split at the pre-pass events: reading both models for the pre-pass,
+    the pre-pass itself (warm start and sweeps), then sd-mecha streaming every key to the file."""
     import sd_mecha
 
     import sd_mecha_rebasin
@@ -76,20 +79,47 @@ def run_one(kind: str, config: str, out: pathlib.Path, iters: int) -> dict:
 
     a_path, b_path = pair_paths(config)
     a, b = sd_mecha.model(a_path, config=config), sd_mecha.model(b_path, config=config)
-    if kind == "ours":
-        aligned = sd_mecha_rebasin.rebasin(b, a, iters=iters)
+    if kind.startswith("ours"):
+        precision = "bf16" if kind == "ours-bf16" else "fp32"
+        aligned = sd_mecha_rebasin.rebasin(b, a, iters=iters, precision=precision)
     elif kind == "builtin":
         aligned = sd_mecha.rebasin(b, a)  # sd-mecha's interface: rebasin(a, ref, iters=10)
     else:
         aligned = b
     sweeps: list = []
+    marks: dict[str, float] = {}
+
+    def record(event: str, data: dict) -> None:
+        marks[event] = time.perf_counter()
+        if event == "sweep":
+            sweeps.append(data["stats"])
+        if event == "prepass_end":
+            marks["start_seconds"] = data["result"].history[0].seconds
+
+    phase_peaks = {"read": 0.0, "pre-pass": 0.0, "streaming": 0.0}
+    stop = threading.Event()
+
+    def sample_rss() -> None:  # which phase holds the peak (sampled every 50 ms)
+        while not stop.wait(0.05):
+            phase = "streaming" if "prepass_end" in marks else "pre-pass" if "prepass_start" in marks else "read"
+            phase_peaks[phase] = max(phase_peaks[phase], _rss_gb())
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
     t0 = time.perf_counter()
-    with events.listening(lambda event, data: sweeps.append(data["stats"]) if event == "sweep" else None):
+    sampler.start()
+    with events.listening(record):
         sd_mecha.merge(sd_mecha.weighted_sum(a, aligned, alpha=0.5), output=out, tqdm=_quiet)
-    report = {"kind": kind, "seconds": time.perf_counter() - t0, "peak_rss_gb": _peak_rss_gb(), "sweeps": len(sweeps)}
-    if sweeps:
-        report["prepass_seconds"] = sum(s.seconds for s in sweeps)
-        report["rel_distance"] = sweeps[-1].rel_distance
+    end = time.perf_counter()
+    stop.set()
+    sampler.join()
+    report = {"kind": kind, "seconds": end - t0, "peak_rss_gb": _peak_rss_gb(), "sweeps": len(sweeps)}
+    report["phase_peaks_gb"] = phase_peaks
+    if "prepass_end" in marks:
+        report["read_seconds"] = marks["prepass_start"] - t0
+        report["prepass_seconds"] = marks["prepass_end"] - marks["prepass_start"]
+        report["start_seconds"] = marks["start_seconds"]
+        report["stream_seconds"] = end - marks["prepass_end"]
+        report["rel_distance"] = sweeps[-1].rel_distance if sweeps else float("nan")
     return report
 
 
@@ -97,6 +127,11 @@ def _quiet(*args, **kwargs):
     from tqdm import tqdm
 
     return tqdm(*args, **kwargs, disable=True)
+
+
+def _rss_gb() -> float:
+    status = pathlib.Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024**2
 
 
 def _peak_rss_gb() -> float:
@@ -153,23 +188,33 @@ def ideal_distance(config: str) -> float:
     return 0.5 * distance_to(*pair_paths(config), undo=(spec, invert(random_permutation(spec, seed=1))))
 
 
-def bench(config: str, iters: int, quality: bool) -> None:
+def bench(config: str, iters: int, quality: bool, only: list[str] | None = None) -> None:
     a_path, b_path = pair_paths(config)
     if not (a_path.exists() and b_path.exists()):
         run_child("build", config, iters)
-    kinds = ["ours", "plain"] + (["builtin"] if config == "sdxl-sgm" else [])
+    kinds = ["ours", "ours-bf16", "plain"] + (["builtin"] if config == "sdxl-sgm" else [])
+    kinds = [kind for kind in kinds if not only or kind in only]
     reports = {}
     for kind in kinds:
         reports[kind] = r = run_child(kind, config, iters)
-        extra = f", {r['sweeps']} sweeps ({r['prepass_seconds']:.0f} s), distance x{r['rel_distance']:.4f}" if r["sweeps"] else ""
+        extra = ""
+        if "prepass_seconds" in r:
+            extra = (
+                f"\n{'':>17} read {r['read_seconds']:.1f} s, pre-pass {r['prepass_seconds']:.1f} s (warm start "
+                f"{r['start_seconds']:.1f} s + {r['sweeps']} sweeps), streaming + write {r['stream_seconds']:.1f} s; "
+                f"distance to A x{r['rel_distance']:.4f} of before; sampled peak RSS by phase: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["phase_peaks_gb"].items())
+            )
         print(f"{config} {kind:>8}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB{extra}", flush=True)
-    ours, plain = reports["ours"], reports["plain"]
-    print(f"{config} ours / plain: wall x{ours['seconds'] / plain['seconds']:.2f}, "
-          f"peak RSS x{ours['peak_rss_gb'] / plain['peak_rss_gb']:.2f}")
-    if "builtin" in reports:
-        builtin = reports["builtin"]
-        print(f"{config} ours / builtin rebasin: wall x{ours['seconds'] / builtin['seconds']:.2f}, "
-              f"peak RSS x{ours['peak_rss_gb'] / builtin['peak_rss_gb']:.2f}")
+    for name in ("ours", "ours-bf16"):
+        if name not in reports:
+            continue
+        ours = reports[name]
+        for base in ("plain", "builtin"):
+            if base in reports:
+                other = reports[base]
+                print(f"{config} {name} / {base}: wall x{ours['seconds'] / other['seconds']:.2f}, "
+                      f"peak RSS x{ours['peak_rss_gb'] / other['peak_rss_gb']:.2f}")
     if quality:
         ideal = ideal_distance(config)
         print(f"{config}    ideal: ||merge - A|| = {ideal:.2f} (A + noise / 2)")
@@ -184,8 +229,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", choices=["sd1-ldm", "sd2-ldm", "sdxl-sgm"])
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--kinds", help="comma-separated subset of ours,ours-bf16,plain,builtin")
     parser.add_argument("--no-quality", action="store_true", help="skip the distance of each output to A")
-    parser.add_argument("--child", choices=["build", "ours", "plain", "builtin"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["build", "ours", "ours-bf16", "plain", "builtin"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "build":
         build_pair(*args.configs)
@@ -196,7 +242,7 @@ def main() -> None:
         print(json.dumps(run_one(args.child, config, out, args.iters)))
         return
     for config in args.configs:
-        bench(config, args.iters, not args.no_quality)
+        bench(config, args.iters, not args.no_quality, args.kinds.split(",") if args.kinds else None)
 
 
 if __name__ == "__main__":

@@ -123,10 +123,10 @@ def _cost_matrix(
     device: torch.device,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """`C[u, v] = sum over axes of <ref slice at unit u, pi_-p(model) slice at unit v>` (float64).
+    """`C'[u, w] = sum over axes of <ref slice at unit u, aligned model slice at unit w>` (float64).
 
-    `aligned` is the model with every current permutation applied, `space`'s own (`applied`)
-    included: its products give `C[:, applied]`, whose columns are put back in place at the end.
+    `aligned` is the model with every current permutation applied, `space`'s own included, so
+    this is `C[:, applied]` for the cost `C` of the original model's units (see `_solve`).
     Products run chunk by chunk on `device` in the precision's dtype and accumulate in float32.
     """
     n = spec.spaces[space].size
@@ -151,8 +151,6 @@ def _cost_matrix(
                 if not contiguous:
                     units = torch.from_numpy(seg.units).to(device)
                     cost.index_put_((units[:, None], units[None, :]), block, accumulate=True)
-    if not np.array_equal(applied, np.arange(n)):
-        cost = cost[:, torch.from_numpy(np.argsort(applied)).to(device)]
     return cost.to("cpu", torch.float64).numpy()
 
 
@@ -166,13 +164,18 @@ def _solve(
     solver: str | None,
     precision: str,
 ) -> tuple[np.ndarray, float]:
-    """Best legal permutation of `space` with the others fixed, and its gain in the objective."""
+    """Best legal permutation of `space` with the others fixed, and its gain in the objective.
+
+    With `C' = C[:, applied]`, `sum_u C[u, g(u)] = sum_u C'[u, h(u)]` for `g = applied o h`, and
+    `h` ranges over the legal group as `g` does: so the assignment runs on `C'` as it comes
+    (no column gather of a matrix that reaches 5120^2), and the current value is its trace.
+    """
     cost = _cost_matrix(spec, space, ref, aligned, applied, device, precision)
-    new = groups.best_element(spec.spaces[space].tree, cost, solver)
-    rows = np.arange(len(applied))
-    old_value, new_value = math.fsum(cost[rows, applied]), math.fsum(cost[rows, new])
+    old_value = math.fsum(np.diagonal(cost))
+    step = groups.best_element(spec.spaces[space].tree, cost, solver)
+    new_value = math.fsum(cost[np.arange(len(step)), step])
     if new_value > old_value + IMPROVEMENT_TOLERANCE * max(1.0, abs(old_value)):
-        return new, new_value - old_value
+        return applied[step], new_value - old_value
     return applied, 0.0
 
 

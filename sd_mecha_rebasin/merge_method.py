@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from . import events
 from .architectures import config_shapes, permutation_spec
-from .matching import PRECISIONS, MatchResult, SweepStats, weight_matching
+from .matching import PRECISIONS, MatchResult, SweepStats, default_threads, weight_matching
 from .spec import Permutations, PermutationSpec, permute_tensor
 
 IDENTIFIER = "git_rebasin"
@@ -136,19 +137,30 @@ def _unlimited(state_dict: StateDict[Tensor]) -> StateDict[Tensor]:
     return view
 
 
+COMPACT_CHUNK = 1 << 20
+"""Elements converted at a time by `_compact`: the round-trip check then stays in the CPU cache."""
+
+
 def _compact(tensor: Tensor) -> Tensor:
     """A CPU copy in the narrowest float dtype that holds every value exactly.
 
     sd-mecha upcasts inputs to its merge dtype (fp32 by default); an fp16 checkpoint comes back to
-    fp16 here, so the pre-pass holds two models at their stored size, not twice that.
+    fp16 here, so the pre-pass holds two models at their stored size, not twice that. Converted in
+    cache-sized chunks, each checked by converting it back.
     """
     tensor = tensor.detach().to("cpu")
     if not tensor.is_floating_point() or tensor.element_size() <= 2:
         return tensor
+    flat = tensor.reshape(-1)
     for dtype in (torch.float16, torch.bfloat16):
-        narrow = tensor.to(dtype)
-        if torch.equal(narrow.to(tensor.dtype), tensor):
-            return narrow
+        narrow = torch.empty(flat.shape, dtype=dtype)
+        for lo in range(0, flat.numel(), COMPACT_CHUNK):
+            part = narrow[lo : lo + COMPACT_CHUNK]
+            part.copy_(flat[lo : lo + COMPACT_CHUNK])
+            if not torch.equal(part.to(tensor.dtype), flat[lo : lo + COMPACT_CHUNK]):
+                break
+        else:
+            return narrow.view(tensor.shape)
     return tensor
 
 
@@ -178,22 +190,29 @@ def _read(state_dict: Mapping[str, Tensor], key: str) -> Tensor | None:
 
 
 def read_models(
-    config: str, a: Mapping[str, Tensor], ref: Mapping[str, Tensor], keys: list[str]
+    config: str, a: Mapping[str, Tensor], ref: Mapping[str, Tensor], keys: list[str], threads: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Compact copies of `keys` from both models; the first shape mismatch is an error at once."""
-    a_out: dict[str, Tensor] = {}
-    ref_out: dict[str, Tensor] = {}
-    for key in keys:
+    """Compact copies of `keys` from both models, read by `threads` workers (sd-mecha evaluates
+    each key of a recipe node on demand, and upcasts it: both parallelise). The first shape
+    mismatch in `keys`' order is the error."""
+
+    def read_pair(key: str) -> tuple[Tensor | None, Tensor | None]:
         a_value, ref_value = _read(a, key), _read(ref, key)
         if a_value is not None and ref_value is not None and a_value.shape != ref_value.shape:
             raise ValueError(
                 f"git_rebasin: {key} has shape {tuple(a_value.shape)} in `a` but {tuple(ref_value.shape)} "
                 f"in `ref` (both read as {config}); re-basin needs two models of the same architecture"
             )
-        if a_value is not None:
-            a_out[key] = _compact(a_value)
-        if ref_value is not None:
-            ref_out[key] = _compact(ref_value)
+        return (None if a_value is None else _compact(a_value)), (None if ref_value is None else _compact(ref_value))
+
+    a_out: dict[str, Tensor] = {}
+    ref_out: dict[str, Tensor] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for key, (a_value, ref_value) in zip(keys, pool.map(read_pair, keys)):
+            if a_value is not None:
+                a_out[key] = a_value
+            if ref_value is not None:
+                ref_out[key] = ref_value
     return a_out, ref_out
 
 
@@ -210,7 +229,7 @@ def align(
     key of `a` is permuted whether or not `ref` has it.
     """
     keys = [key for key in a.model_config.keys() if key in bound_keys(config)]  # config order
-    a_values, ref_values = read_models(config, a, ref, keys)
+    a_values, ref_values = read_models(config, a, ref, keys, settings.threads or default_threads())
     _return_freed_memory()
     for name, values in (("a", a_values), ("ref", ref_values)):
         if len(values) < len(keys) / 2:

@@ -29,27 +29,38 @@ ROWS_PER_CHUNK_ELEMENTS = 1 << 22
 """Elements reduced at a time: features never need a float copy of a whole tensor."""
 
 
+MAX_POSITIONS = 32
+"""Per unit and tensor axis, at most this many positions of the unpermuted axes keep their own
+features; beyond that, neighbouring positions are pooled (a token embedding's 49408 rows would
+otherwise make 49408 features per unit of the residual stream)."""
+
+
 def unit_features(spec: PermutationSpec, key: str, value: torch.Tensor, axis: int, seg) -> torch.Tensor:
     """`(units, f)` float32 features of the segment's units that no other permutation changes.
 
-    A 1-D tensor gives each unit's value; otherwise the mean and the mean square over the other
-    permuted axes, one pair per position of the unpermuted axes.
+    The mean and the mean square over the other permuted axes, at each position of the unpermuted
+    axes (a 1-D tensor: each unit's value and its square), pooled to at most `MAX_POSITIONS`.
     """
     m = len(seg.units)
     slices = value.narrow(axis, seg.start, m).movedim(axis, 0)
-    if slices.dim() == 1:
-        return slices.float()[:, None]
     moved = [other + 1 if other < axis else other for other in spec.axes[key] if other != axis]
-    if not moved:  # no other axis is permuted: every entry is a feature
-        return slices.reshape(m, -1).float()
     per_unit = max(1, slices[:1].numel())
     step = max(1, ROWS_PER_CHUNK_ELEMENTS // per_unit)
     parts = []
     for lo in range(0, m, step):
         chunk = slices[lo : lo + step].to(torch.float32, copy=True)  # squared in place below
-        mean = chunk.mean(dim=moved)
-        mean_square = chunk.square_().mean(dim=moved)
-        parts.append(torch.cat([mean.reshape(len(chunk), -1), mean_square.reshape(len(chunk), -1)], dim=1))
+        rows = len(chunk)
+        if moved:
+            mean = chunk.mean(dim=moved).reshape(rows, -1)
+            mean_square = chunk.square_().mean(dim=moved).reshape(rows, -1)
+        else:  # no other axis is permuted: every entry keeps its place
+            mean = chunk.reshape(rows, -1)
+            mean_square = mean.square()
+        if mean.shape[1] > MAX_POSITIONS:
+            pool = torch.nn.functional.adaptive_avg_pool1d
+            mean = pool(mean[:, None, :], MAX_POSITIONS)[:, 0]
+            mean_square = pool(mean_square[:, None, :], MAX_POSITIONS)[:, 0]
+        parts.append(torch.cat([mean, mean_square], dim=1))
     return torch.cat(parts)
 
 
@@ -82,8 +93,9 @@ def _space_cost(
     if not ref_parts:
         return None
     x, y = torch.cat(ref_parts, dim=1), torch.cat(model_parts, dim=1)
-    distance = x.square().sum(1)[:, None] + y.square().sum(1)[None, :] - 2 * x @ y.T
-    return (-distance).double().numpy()
+    # -||x_u - y_v||^2, built in place: at 5120 units every n x n temporary is 100 MB.
+    score = (x @ y.T).mul_(2).sub_(x.square().sum(1)[:, None]).sub_(y.square().sum(1)[None, :])
+    return score.double().numpy()
 
 
 def invariant_feature_start(
