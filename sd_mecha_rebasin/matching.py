@@ -184,15 +184,14 @@ class AlignedModel:
 
     Products then read plain slices instead of gathering every other axis each time (gathers were
     a sixth of a sweep). `values` starts as the caller's tensors; a key is copied the first time
-    one of its spaces moves, or, with `overwrite`, replaced in the caller's own mapping (one model
-    of memory saved; the mapping then holds the permuted model).
+    one of its spaces moves, or, with `overwrite`, the caller's tensors are permuted in place (one
+    model of memory saved, and no heap growth when the tensors were allocated by other threads).
     """
 
     def __init__(self, spec: PermutationSpec, model: Mapping[str, torch.Tensor], overwrite: bool = False):
         self.spec = spec
-        self.values: dict[str, torch.Tensor] | Mapping[str, torch.Tensor] = (
-            model if overwrite else dict(model)
-        )
+        self.values: dict[str, torch.Tensor] = dict(model)
+        self.overwrite = overwrite
         self.perms: Permutations = identity_permutation(spec)
 
     def move_to(self, perms: Permutations) -> None:
@@ -205,7 +204,11 @@ class AlignedModel:
         keys = {key for name in delta for key in self.spec.keys_of(name)}
         for key in sorted(keys):
             if key in self.values:
-                self.values[key] = permute_tensor(self.spec, key, self.values[key], delta)
+                permuted = permute_tensor(self.spec, key, self.values[key], delta)
+                if self.overwrite:
+                    self.values[key].copy_(permuted)
+                else:
+                    self.values[key] = permuted
         for name in delta:
             self.perms[name] = perms[name].copy()
 
@@ -311,8 +314,8 @@ def weight_matching(
     CPU; the result is bit-identical for any thread count with the same seed. `init` starts from
     given permutations instead of the identity; `warm_start` first tries the invariant-feature
     start (see `warm_start.py`) and keeps it only if its objective beats the starting point's.
-    `overwrite_model` lets matching replace the tensors of the (mutable) `model` mapping by
-    permuted ones instead of holding a permuted copy: it then holds the aligned model.
+    `overwrite_model` lets matching permute `model`'s tensors in place instead of holding a
+    permuted copy: they then hold the aligned model.
     """
     device = torch.device(device)
     _product_dtype(precision)  # reject an unknown precision before any work

@@ -150,7 +150,7 @@ def _compact(tensor: Tensor) -> Tensor:
     """
     tensor = tensor.detach().to("cpu")
     if not tensor.is_floating_point() or tensor.element_size() <= 2:
-        return tensor
+        return tensor.clone()  # matching permutes its copies in place: never sd-mecha's own tensor
     flat = tensor.reshape(-1)
     for dtype in (torch.float16, torch.bfloat16):
         narrow = torch.empty(flat.shape, dtype=dtype)
@@ -253,7 +253,7 @@ def align(
         threads=settings.threads or None,
         device=settings.device,
         precision=settings.precision,
-        overwrite_model=True,  # `a_values` is this pre-pass's own copy: permute it in place
+        overwrite_model=True,  # `a_values` are this pre-pass's own copies: permute them in place
         on_sweep=_sweep_done,
     )
     seconds = time.perf_counter() - start
