@@ -1,0 +1,60 @@
+"""The warm start's unit features really are invariant to every other permutation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support.layouts import arch_overrides, key_shapes, random_state_dict
+
+from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation
+from sd_mecha_rebasin import warm_start
+from sd_mecha_rebasin.spec import identity_permutation, invert
+
+FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def case(request):
+    shapes = key_shapes(request.param, "tiny")
+    spec = permutation_spec(FAMILIES[request.param], arch=arch_overrides(request.param, "tiny"), shapes=shapes)
+    return spec, random_state_dict(shapes, seed=5)
+
+
+def test_features_follow_only_their_own_space(case):
+    """Features of the permuted model at unit u are the original's at the unit moved there."""
+    spec, model = case
+    perms = random_permutation(spec, seed=3)
+    permuted = apply_permutation(spec, perms, model)
+    checked = 0
+    for key, axes in spec.axes.items():
+        for axis, segments in axes.items():
+            for seg in segments:
+                before = warm_start.unit_features(spec, key, model[key], axis, seg)
+                after = warm_start.unit_features(spec, key, permuted[key], axis, seg)
+                # Within the segment, position i of the permuted model holds unit perm[units[i]].
+                position = {int(u): i for i, u in enumerate(seg.units)}
+                source = [position[int(perms[seg.space][u])] for u in seg.units]
+                torch.testing.assert_close(after, before[source], rtol=1e-5, atol=1e-6)
+                checked += 1
+    assert checked > 50
+
+
+def test_features_pool_long_unpermuted_axes(case, monkeypatch):
+    spec, model = case
+    monkeypatch.setattr(warm_start, "MAX_POSITIONS", 4)
+    widths = set()
+    for key, axes in spec.axes.items():
+        for axis, segments in axes.items():
+            widths.add(warm_start.unit_features(spec, key, model[key], axis, segments[0]).shape[1])
+    assert max(widths) <= 8  # mean and mean square at <= 4 pooled positions each
+
+
+def test_start_from_features_recovers_a_permuted_copy(case):
+    spec, model = case
+    hidden = random_permutation(spec, seed=8)
+    start = warm_start.invariant_feature_start(
+        spec, model, apply_permutation(spec, hidden, model), identity_permutation(spec), threads=2
+    )
+    expected = invert(hidden)
+    assert all(np.array_equal(start[n], expected[n]) for n in spec.spaces)
