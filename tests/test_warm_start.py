@@ -7,8 +7,7 @@ import pytest
 import torch
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
-from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation
-from sd_mecha_rebasin import warm_start
+from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, warm_start
 from sd_mecha_rebasin.spec import identity_permutation, invert
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
@@ -17,7 +16,9 @@ FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def case(request):
     shapes = key_shapes(request.param, "tiny")
-    spec = permutation_spec(FAMILIES[request.param], arch=arch_overrides(request.param, "tiny"), shapes=shapes)
+    spec = permutation_spec(
+        FAMILIES[request.param], arch=arch_overrides(request.param, "tiny"), shapes=shapes
+    )
     return spec, random_state_dict(shapes, seed=5)
 
 
