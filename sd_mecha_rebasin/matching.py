@@ -66,8 +66,9 @@ def default_threads() -> int:
 
 PRECISIONS = ("fp32", "bf16")
 """Matrix-product precision: `fp32` is exact for fp16/bf16 weights (their products are exact in
-float32); `bf16` rounds each operand chunk to bfloat16 (about 2x faster on CPUs with bf16 units)
-and still accumulates across chunks and keys in float32/float64."""
+float32, summed in float32). `bf16` rounds the operands to bfloat16 and each slice's product to
+bfloat16 too (torch has no bf16-in, fp32-out matmul on CPU), then adds slices and keys in float32:
+about 1.5-2x faster on CPUs with bf16 units; near-ties between units may then go the other way."""
 
 CHUNK_ELEMENTS = 1 << 22
 """Elements per operand chunk (16 MiB in float32): products are built from slices of this size, so
