@@ -133,25 +133,21 @@ def _cost_matrix(
     n = spec.spaces[space].size
     dtype = _product_dtype(precision)
     cost = torch.zeros(n, n, dtype=torch.float32, device=device)
-    for key in spec.keys_of(space):
+    for key, axis, seg in spec.segments_of(space):
         if key not in ref or key not in aligned:
             continue
-        for axis, segments in spec.axes[key].items():
-            for seg in segments:
-                if seg.space != space:
-                    continue
-                m = len(seg.units)
-                lo = int(seg.units[0])
-                contiguous = np.array_equal(seg.units, np.arange(lo, lo + m))
-                block = cost[lo : lo + m, lo : lo + m] if contiguous else torch.zeros(m, m, device=device)
-                for a, b in _paired_chunks(ref[key], aligned[key], axis, seg, dtype, device):
-                    if dtype == torch.float32:
-                        block.addmm_(a, b.T)
-                    else:
-                        block += a @ b.T
-                if not contiguous:
-                    units = torch.from_numpy(seg.units).to(device)
-                    cost.index_put_((units[:, None], units[None, :]), block, accumulate=True)
+        m = len(seg.units)
+        lo = int(seg.units[0])
+        contiguous = np.array_equal(seg.units, np.arange(lo, lo + m))
+        block = cost[lo : lo + m, lo : lo + m] if contiguous else torch.zeros(m, m, device=device)
+        for a, b in _paired_chunks(ref[key], aligned[key], axis, seg, dtype, device):
+            if dtype == torch.float32:
+                block.addmm_(a, b.T)
+            else:
+                block += a @ b.T
+        if not contiguous:
+            units = torch.from_numpy(seg.units).to(device)
+            cost.index_put_((units[:, None], units[None, :]), block, accumulate=True)
     return cost.to("cpu", torch.float64).numpy()
 
 

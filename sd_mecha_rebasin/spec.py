@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -67,6 +67,14 @@ class PermutationSpec:
                     cache[name].append(key)
             self.__dict__["_by_space"] = cache
         return cache
+
+    def segments_of(self, space: str) -> Iterator[tuple[str, int, Segment]]:
+        """Every `(key, axis, segment)` through which a tensor reads or writes `space`."""
+        for key in self.keys_of(space):
+            for axis, segments in self.axes[key].items():
+                for seg in segments:
+                    if seg.space == space:
+                        yield key, axis, seg
 
     def spaces_of(self, key: str) -> list[str]:
         return list(dict.fromkeys(s.space for segs in self.axes.get(key, {}).values() for s in segs))
@@ -136,7 +144,9 @@ def _segment_gather(seg: Segment, perm: np.ndarray, size: int) -> np.ndarray:
     return source
 
 
-def permute_tensor(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms: Permutations) -> torch.Tensor:
+def permute_tensor(
+    spec: PermutationSpec, key: str, tensor: torch.Tensor, perms: Permutations
+) -> torch.Tensor:
     """`tensor` (the value of `key`) with every bound axis reordered; unchanged keys pass through."""
     if key not in spec.axes:
         return tensor
@@ -218,7 +228,9 @@ class SpecBuilder:
             units = np.arange(self.width(space), dtype=np.int64)
         seg = Segment(space, start, np.asarray(units, dtype=np.int64))
         if seg.stop > self.shapes[key][axis]:
-            raise ValueError(f"{key}: axis {axis} has {self.shapes[key][axis]} entries, {space} needs {seg.stop}")
+            raise ValueError(
+                f"{key}: axis {axis} has {self.shapes[key][axis]} entries, {space} needs {seg.stop}"
+            )
         self._axes[key][axis].append(seg)
 
     def bind_concat(self, key: str, axis: int, spaces: list[str]) -> None:
@@ -234,7 +246,9 @@ class SpecBuilder:
             tree, restricted = groups.partition_tree(width, partitions)
             note = ""
             if restricted:
-                note = "GroupNorm partitions cross without a common boundary; blocks between them stay in place"
+                note = (
+                    "GroupNorm partitions cross without a common boundary; blocks between them stay in place"
+                )
             spaces[name] = Space(name, kind, tree, note)
         axes = {}
         for key, by_axis in self._axes.items():

@@ -75,21 +75,17 @@ def _space_cost(
     """
     n = spec.spaces[space].size
     ref_parts, model_parts = [], []
-    for key in spec.keys_of(space):
+    for key, axis, seg in spec.segments_of(space):
         if key not in ref or key not in model:
             continue
-        for axis, segments in spec.axes[key].items():
-            for seg in segments:
-                if seg.space != space:
-                    continue
-                x = unit_features(spec, key, ref[key], axis, seg)
-                y = unit_features(spec, key, model[key], axis, seg)
-                both = torch.cat([x, y])
-                mean, scale = both.mean(dim=0), both.std(dim=0).clamp_min(1e-12) * np.sqrt(x.shape[1])
-                for part, parts in ((x, ref_parts), (y, model_parts)):
-                    placed = torch.zeros(n, x.shape[1])
-                    placed[torch.from_numpy(seg.units)] = (part - mean) / scale
-                    parts.append(placed)
+        x = unit_features(spec, key, ref[key], axis, seg)
+        y = unit_features(spec, key, model[key], axis, seg)
+        both = torch.cat([x, y])
+        mean, scale = both.mean(dim=0), both.std(dim=0).clamp_min(1e-12) * np.sqrt(x.shape[1])
+        for part, parts in ((x, ref_parts), (y, model_parts)):
+            placed = torch.zeros(n, x.shape[1])
+            placed[torch.from_numpy(seg.units)] = (part - mean) / scale
+            parts.append(placed)
     if not ref_parts:
         return None
     x, y = torch.cat(ref_parts, dim=1), torch.cat(model_parts, dim=1)
