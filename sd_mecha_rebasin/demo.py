@@ -228,7 +228,7 @@ def run_demo(
         verdict = "yes" if report["recovered"] else "NO"
         say(
             f"  re-basin recovered the hidden permutation: {verdict} ({exact} of {len(spec.spaces)} exact) "
-            f"in {rebased.sweeps} sweeps; {report['seconds']:.1f} s in all"
+            f"in {rebased.sweeps} sweep{'s' if rebased.sweeps != 1 else ''}; {report['seconds']:.1f} s in all"
         )
         if keep:
             say(f"  files in {out_dir}: " + ", ".join(p.name for p in files.values()))
