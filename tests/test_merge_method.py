@@ -374,3 +374,22 @@ def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(tiny, tmp_p
     )
     assert failed.returncode != 0
     assert "unknown merge method: 'git_rebasin'" in failed.stderr
+
+
+@pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])
+def test_compact_keeps_values_exactly_across_chunks(monkeypatch, narrow):
+    from sd_mecha_rebasin import merge_method
+
+    monkeypatch.setattr(merge_method, "COMPACT_CHUNK", 7)  # many chunks, the last one ragged
+    scale = 1e6 if narrow == torch.bfloat16 else 1.0  # beyond fp16's range: only bf16 holds them
+    values = (torch.randn(5, 9) * scale).to(narrow).float()
+    compact = merge_method._compact(values)
+    assert compact.dtype == narrow and compact.shape == values.shape
+    assert torch.equal(compact.float(), values)
+    # One value that neither fp16 nor bf16 holds, in the last chunk: the tensor stays float32.
+    values[-1, -1] = 1.0 + 2.0**-20
+    kept = merge_method._compact(values)
+    assert kept.dtype == torch.float32 and torch.equal(kept, values)
+    # An input already narrow comes back as a copy: matching permutes its copies in place.
+    half = values.half()
+    assert merge_method._compact(half).data_ptr() != half.data_ptr()
