@@ -318,7 +318,7 @@ class rebasin:
         :param seed: seeds the order in which each sweep visits the permutations.
         :param threads: threads for the pre-pass (cost matrices and assignments); 0 picks one per CPU.
         :param device: torch device for the pre-pass products ("cpu", "cuda", "cuda:1", ...).
-        :param precision: "fp32" (exact products) or "bf16" (about 2x faster on CPUs with bf16 units; approximate).
+        :param precision: "fp32" (exact products) or "bf16" (products about 1.5x faster on CPUs with bf16 units; approximate).
         """
         key = kwargs["key"]
         config = a.model_config.identifier
