@@ -3,10 +3,12 @@
 sd-mecha merges key by key, but the permutations depend on the whole model. So the first call
 (whatever its key) runs a pre-pass: it reads every key the permutation rules bind from `a` and
 `ref`, checks that both models have the same shapes, and runs weight matching; other worker threads
-wait on a lock meanwhile. Every call then permutes its own key of `a`, read again as sd-mecha
-streams it. The pre-pass state lives on the method instance that sd-mecha creates for each recipe
-node in each merge, so nothing outlives the merge, and the model copies are dropped as soon as the
-permutations are known.
+wait on a lock meanwhile. Matching leaves the pre-pass's copy of `a` permuted, so each call then
+hands out its own key from that copy (and drops it) instead of reading `a` again: one read and one
+gather per key saved, and the copy shrinks as the output grows. Keys the pre-pass did not hold (EMA
+copies, permutations from a cache) are read from `a` and permuted as sd-mecha streams them. The
+pre-pass state lives on the method instance that sd-mecha creates for each recipe node in each
+merge, so nothing outlives the merge; `ref`'s copy is dropped as soon as the permutations are known.
 
 Key declaration: `map_keys` declares each key's own inputs (`a[key]`, plus `ref[key]` for bound
 keys so that sd-mecha evaluates `ref` at all), and the pre-pass reads the other keys through a copy
@@ -141,16 +143,17 @@ COMPACT_CHUNK = 1 << 20
 """Elements converted at a time by `_compact`: the round-trip check then stays in the CPU cache."""
 
 
-def _compact(tensor: Tensor) -> Tensor:
+def _compact(tensor: Tensor, private: bool = True) -> Tensor:
     """A CPU copy in the narrowest float dtype that holds every value exactly.
 
     sd-mecha upcasts inputs to its merge dtype (fp32 by default); an fp16 checkpoint comes back to
     fp16 here, so the pre-pass holds two models at their stored size, not twice that. Converted in
-    cache-sized chunks, each checked by converting it back.
+    cache-sized chunks, each checked by converting it back. `private`: the result may be changed
+    in place, so it is never sd-mecha's own tensor (matching permutes `a`'s copy in place).
     """
     tensor = tensor.detach().to("cpu")
     if not tensor.is_floating_point() or tensor.element_size() <= 2:
-        return tensor.clone()  # matching permutes its copies in place: never sd-mecha's own tensor
+        return tensor.clone() if private else tensor
     flat = tensor.reshape(-1)
     for dtype in (torch.float16, torch.bfloat16):
         narrow = torch.empty(flat.shape, dtype=dtype)
@@ -161,7 +164,7 @@ def _compact(tensor: Tensor) -> Tensor:
                 break
         else:
             return narrow.view(tensor.shape)
-    return tensor
+    return tensor.clone() if private else tensor
 
 
 def _return_freed_memory() -> None:
@@ -195,24 +198,41 @@ between the compact copies that stay, otherwise left ~3 GB of holes by the end o
 (read-phase peak 16.6 -> 13.4 GiB)."""
 
 
+@dataclasses.dataclass
+class HeldTensor:
+    """A compact copy of an input key and how sd-mecha handed it over (its merge dtype and device)."""
+
+    value: Tensor
+    dtype: torch.dtype
+    device: torch.device
+
+    def restored(self) -> Tensor:
+        """The value as sd-mecha would hand it over (exact: the copy is lossless)."""
+        return self.value.to(device=self.device, dtype=self.dtype)
+
+
+def _hold(value: Tensor | None, private: bool) -> HeldTensor | None:
+    return None if value is None else HeldTensor(_compact(value, private), value.dtype, value.device)
+
+
 def read_models(
     config: str, a: Mapping[str, Tensor], ref: Mapping[str, Tensor], keys: list[str], threads: int
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+) -> tuple[dict[str, HeldTensor], dict[str, HeldTensor]]:
     """Compact copies of `keys` from both models, read by `threads` workers (sd-mecha evaluates
     each key of a recipe node on demand, and upcasts it: both parallelise). The first shape
     mismatch in `keys`' order is the error."""
 
-    def read_pair(key: str) -> tuple[Tensor | None, Tensor | None]:
+    def read_pair(key: str) -> tuple[HeldTensor | None, HeldTensor | None]:
         a_value, ref_value = _read(a, key), _read(ref, key)
         if a_value is not None and ref_value is not None and a_value.shape != ref_value.shape:
             raise ValueError(
                 f"git_rebasin: {key} has shape {tuple(a_value.shape)} in `a` but {tuple(ref_value.shape)} "
                 f"in `ref` (both read as {config}); re-basin needs two models of the same architecture"
             )
-        return (None if a_value is None else _compact(a_value)), (None if ref_value is None else _compact(ref_value))
+        return _hold(a_value, private=True), _hold(ref_value, private=False)  # only `a` is permuted
 
-    a_out: dict[str, Tensor] = {}
-    ref_out: dict[str, Tensor] = {}
+    a_out: dict[str, HeldTensor] = {}
+    ref_out: dict[str, HeldTensor] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for done, (key, (a_value, ref_value)) in enumerate(zip(keys, pool.map(read_pair, keys)), 1):
             if done % TRIM_EVERY_KEYS == 0:  # the freed float32 reads otherwise fragment the heap
@@ -230,15 +250,19 @@ def align(
     ref: StateDict[Tensor],
     settings: Settings,
     arch: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Alignment:
+) -> tuple[Alignment, dict[str, HeldTensor]]:
     """The pre-pass: read both models, derive the spec from their shapes, run weight matching.
 
-    Keys missing from one model are left out of the matching; the permutations stay legal, and a
-    key of `a` is permuted whether or not `ref` has it.
+    Returns the permutations and the pre-pass's copy of `a`, permuted by them. Keys missing from
+    one model are left out of the matching; the permutations stay legal, and a key of `a` is
+    permuted whether or not `ref` has it.
     """
     keys = [key for key in a.model_config.keys() if key in bound_keys(config)]  # config order
-    a_values, ref_values = read_models(config, a, ref, keys, settings.threads or default_threads())
+    a_held, ref_held = read_models(config, a, ref, keys, settings.threads or default_threads())
     _return_freed_memory()
+    a_values = {key: held.value for key, held in a_held.items()}
+    ref_values = {key: held.value for key, held in ref_held.items()}
+    del ref_held  # `ref_values` holds the only reference: gone when matching returns
     for name, values in (("a", a_values), ("ref", ref_values)):
         if len(values) < len(keys) / 2:
             raise ValueError(
@@ -275,7 +299,7 @@ def align(
         result.converged,
         result.rel_distance,
     )
-    return Alignment(spec, result.perms, result)
+    return Alignment(spec, result.perms, result), a_held  # `a_values` were permuted in place
 
 
 @merge_method(identifier=IDENTIFIER, cache_factory=dict)
@@ -299,6 +323,8 @@ class rebasin:
         self._lock = threading.Lock()
         self._alignment: Alignment | None = None
         self._error: BaseException | None = None
+        self._aligned_a: dict[str, HeldTensor] = {}
+        """The pre-pass's copy of `a`, permuted; each key is handed out once, then dropped."""
 
     def __call__(
         self,
@@ -328,6 +354,9 @@ class rebasin:
         alignment = self._align_once(
             config, a, ref, Settings(iters, seed, threads, device, precision), kwargs.get("cache")
         )
+        held = self._aligned_a.pop(key, None) if key == bound else None  # an EMA copy is not held
+        if held is not None:
+            return held.restored()
         return permute_tensor(alignment.spec, bound, a[key], alignment.perms)
 
     def _align_once(
@@ -348,7 +377,7 @@ class rebasin:
                 self._alignment = cache["alignment"]
                 return self._alignment
             try:
-                self._alignment = align(config, _unlimited(a), _unlimited(ref), settings, arch)
+                self._alignment, self._aligned_a = align(config, _unlimited(a), _unlimited(ref), settings, arch)
             except BaseException as e:
                 self._error = e
                 raise

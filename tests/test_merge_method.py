@@ -28,7 +28,7 @@ from support.layouts import arch_overrides, key_shapes, random_state_dict
 import sd_mecha_rebasin
 from sd_mecha_rebasin import apply_permutation, events, permutation_spec, random_permutation, rebasin
 from sd_mecha_rebasin.merge_method import arch_override
-from sd_mecha_rebasin.spec import Permutations, PermutationSpec
+from sd_mecha_rebasin.spec import Permutations, PermutationSpec, permute_tensor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
@@ -227,8 +227,18 @@ def test_inputs_may_be_recipe_nodes(tiny):
 # Keys, errors, events, caching
 
 
-def test_keys_outside_the_spec_pass_through_and_keys_missing_in_ref_are_still_permuted(tiny):
-    """Also: an EMA copy of a UNet weight is permuted like that weight."""
+def test_keys_outside_the_spec_pass_through_and_keys_missing_in_ref_are_still_permuted(tiny, monkeypatch):
+    """Also: an EMA copy of a UNet weight is permuted like that weight. Bound keys are handed out
+    from the pre-pass's permuted copy of `a`: only the EMA copy is read and permuted again."""
+    from sd_mecha_rebasin import merge_method
+
+    streamed: list[str] = []
+
+    def counting_permute(spec, key, value, perms):
+        streamed.append(key)
+        return permute_tensor(spec, key, value, perms)
+
+    monkeypatch.setattr(merge_method, "permute_tensor", counting_permute)
     t = tiny("sd1")
     fine = t.fine_tune(seed=41)
     b_values = t.permuted(fine, seed=42)
@@ -240,6 +250,7 @@ def test_keys_outside_the_spec_pass_through_and_keys_missing_in_ref_are_still_pe
     )
     assert not torch.equal(b_values[EMA_OF], fine[EMA_OF])
     assert_same(out, fine | {VAE_KEY: b_values[VAE_KEY], EMA_KEY: fine[EMA_OF]})
+    assert streamed == [EMA_OF]  # the EMA key, permuted as the key it copies
 
 
 def test_sd2_is_detected_without_a_config(tiny):
@@ -390,6 +401,9 @@ def test_compact_keeps_values_exactly_across_chunks(monkeypatch, narrow):
     values[-1, -1] = 1.0 + 2.0**-20
     kept = merge_method._compact(values)
     assert kept.dtype == torch.float32 and torch.equal(kept, values)
-    # An input already narrow comes back as a copy: matching permutes its copies in place.
+    # A private copy (matching permutes `a`'s in place) never shares sd-mecha's tensor; `ref`'s may.
+    assert kept.data_ptr() != values.data_ptr()
+    assert merge_method._compact(values, private=False).data_ptr() == values.data_ptr()
     half = values.half()
     assert merge_method._compact(half).data_ptr() != half.data_ptr()
+    assert merge_method._compact(half, private=False).data_ptr() == half.data_ptr()
