@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import groups
-from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
+from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor, take_along
 from .warm_start import invariant_feature_start
 
 IMPROVEMENT_TOLERANCE = 1e-12
@@ -186,11 +186,19 @@ class AlignedModel:
     model of memory saved, and no heap growth when the tensors were allocated by other threads).
     """
 
-    def __init__(self, spec: PermutationSpec, model: Mapping[str, torch.Tensor], overwrite: bool = False):
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        model: Mapping[str, torch.Tensor],
+        overwrite: bool = False,
+        pool: ThreadPoolExecutor | None = None,
+    ):
         self.spec = spec
         self.values: dict[str, torch.Tensor] = dict(model)
         self.overwrite = overwrite
         self.perms: Permutations = identity_permutation(spec)
+        self.pool = pool
+        """Keys are permuted in parallel on it (the gathers release the GIL)."""
 
     def move_to(self, perms: Permutations) -> None:
         """Apply the permutations of the spaces in `perms` (each relative to the original model)."""
@@ -199,14 +207,14 @@ class AlignedModel:
             for name, p in perms.items()
             if not np.array_equal(p, self.perms[name])
         }
-        keys = {key for name in delta for key in self.spec.keys_of(name)}
-        for key in sorted(keys):
-            if key in self.values:
-                permuted = permute_tensor(self.spec, key, self.values[key], delta)
-                if self.overwrite:
-                    self.values[key].copy_(permuted)
-                else:
-                    self.values[key] = permuted
+        keys = sorted({key for name in delta for key in self.spec.keys_of(name)} & self.values.keys())
+
+        def permuted(key: str) -> torch.Tensor:
+            value = permute_tensor(self.spec, key, self.values[key], delta)
+            return self.values[key].copy_(value) if self.overwrite else value
+
+        for key, value in zip(keys, self.pool.map(permuted, keys) if self.pool else map(permuted, keys)):
+            self.values[key] = value
         for name in delta:
             self.perms[name] = perms[name].copy()
 
@@ -258,21 +266,15 @@ def objectives_and_distances(
         for lo in range(0, a_full.shape[0], step):
             a = a_full[lo : lo + step].float()
             for total, gather in zip(totals, gathers):
-                b = (
-                    b_full.index_select(0, gather[0][lo : lo + step])
-                    if 0 in gather
-                    else b_full[lo : lo + step]
-                )
-                for axis, index in gather.items():
-                    if axis != 0:
-                        b = b.index_select(axis, index)
-                b = b.float()
+                rows = gather | {0: gather[0][lo : lo + step]} if 0 in gather else gather
+                b = b_full[lo : lo + step] if 0 not in gather else b_full
+                b = (take_along(b, rows) if rows else b).float()
                 total[0] += _accurate_sum(a * b)
                 total[1] += _accurate_sum((b - a).square_())
     return [(dot, sq) for dot, sq in totals]
 
 
-def _batches(order: list[str], spec: PermutationSpec) -> list[list[str]]:
+def _batches(order: list[str], neighbours: Mapping[str, set[str]]) -> list[list[str]]:
     """Split the visiting order into runs of permutations that pairwise share no tensor."""
     out: list[list[str]] = []
     current: list[str] = []
@@ -282,7 +284,7 @@ def _batches(order: list[str], spec: PermutationSpec) -> list[list[str]]:
             out.append(current)
             current, blocked = [], set()
         current.append(name)
-        blocked |= spec.neighbours(name) | {name}
+        blocked |= neighbours[name] | {name}
     if current:
         out.append(current)
     return out
@@ -328,31 +330,30 @@ def weight_matching(
     warm = None
     if warm_start and max_iter > 0:  # from the untouched model: its features do not depend on `start`
         warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver)
-    aligned = AlignedModel(spec, model, overwrite=overwrite_model)
-    moved_start = any(not np.array_equal(p, np.arange(len(p))) for p in start.values())
-    candidates = [{}, start] if moved_start else [{}]  # one pass for both
-    figures = objectives_and_distances(spec, ref, aligned.values, candidates)
-    base = math.sqrt(figures[0][1]) if figures[0][1] > 0 else 1.0
-    dot, sq = figures[-1]
-    if warm is not None:  # keep it only if it is a better starting point
-        aligned.move_to(warm)
-        warm_dot, warm_sq = objective_and_distance(spec, ref, aligned.values, {})
-        if warm_dot > dot:
-            dot, sq = warm_dot, warm_sq
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # solves, and the gathers of `move_to`
+        aligned = AlignedModel(spec, model, overwrite=overwrite_model, pool=pool)
+        moved_start = any(not np.array_equal(p, np.arange(len(p))) for p in start.values())
+        candidates = [{}, start] if moved_start else [{}]
+        if warm is not None:  # kept only if it is a better starting point
+            candidates.append(warm)
+        figures = objectives_and_distances(spec, ref, model, candidates)  # one pass for all
+        base = math.sqrt(figures[0][1]) if figures[0][1] > 0 else 1.0
+        warm_figures = figures.pop() if warm is not None else None
+        dot, sq = figures[-1]  # the start's
+        if warm_figures is not None and warm_figures[0] > dot:
+            dot, sq = warm_figures
+            aligned.move_to(warm)
         else:
             aligned.move_to(start)
-    else:
-        aligned.move_to(start)
-    history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, time.perf_counter() - t0)]
-    dirty = set(names)
-    converged = False
-    moved = False
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+        history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, time.perf_counter() - t0)]
+        dirty = set(names)
+        converged = False
+        moved = False
         for sweep in range(1, max_iter + 1):
             t0 = time.perf_counter()
             order = [names[i] for i in rng.permutation(len(names))]
             changed = solved = 0
-            for batch in _batches(order, spec):
+            for batch in _batches(order, neighbours):
                 todo = [name for name in batch if name in dirty]
                 futures = [
                     pool.submit(

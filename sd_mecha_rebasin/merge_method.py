@@ -377,7 +377,9 @@ class rebasin:
                 self._alignment = cache["alignment"]
                 return self._alignment
             try:
-                self._alignment, self._aligned_a = align(config, _unlimited(a), _unlimited(ref), settings, arch)
+                self._alignment, self._aligned_a = align(
+                    config, _unlimited(a), _unlimited(ref), settings, arch
+                )
             except BaseException as e:
                 self._error = e
                 raise

@@ -152,12 +152,35 @@ def permute_tensor(
         return tensor
     if tuple(tensor.shape) != tuple(spec.shapes[key]):
         raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not match the spec's {spec.shapes[key]}")
-    out = tensor
-    for axis in spec.axes[key]:
-        index = spec.gather_index(key, axis, perms)
-        if index is not None:
+    indices = {
+        axis: index for axis in spec.axes[key] if (index := spec.gather_index(key, axis, perms)) is not None
+    }
+    return take_along(tensor, indices) if indices else tensor
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def take_along(tensor: torch.Tensor, indices: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """A new tensor: `tensor` reordered along each axis by its index (`out[.., u, ..] = in[.., index[u], ..]`).
+
+    On CPU, through numpy on a same-size integer view (bit-exact for every dtype, bf16 included):
+    numpy's gather along an inner axis of 16-bit values runs ~3x faster than torch's
+    `index_select` there (2.2 vs 0.7 GB/s measured on 1280x5120 fp16), and releases the GIL.
+    """
+    int_dtype = _SAME_SIZE_INT.get(tensor.element_size())
+    if tensor.device.type != "cpu" or int_dtype is None or tensor.dim() == 0 or tensor.is_complex():
+        out = tensor
+        for axis, index in sorted(indices.items()):
             out = out.index_select(axis, index.to(out.device))
-    return out
+        return out
+    values = tensor.detach().contiguous().view(int_dtype).numpy()
+    for axis, index in sorted(indices.items()):
+        index = index.numpy() if isinstance(index, torch.Tensor) else index
+        values = values[index] if axis == 0 else np.take(values, index, axis=axis)
+    if values.base is not None:  # never a view of the input, even for an empty index list
+        values = values.copy()
+    return torch.from_numpy(values).view(tensor.dtype)
 
 
 def apply_permutation(

@@ -189,3 +189,26 @@ def test_unknown_precision_is_refused():
     ref = random_state_dict(shapes, seed=3)
     with pytest.raises(ValueError, match="precision"):
         weight_matching(spec, ref, ref, precision="fp16")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
+)
+def test_take_along_matches_index_select_bit_for_bit(dtype):
+    """The numpy gather behind every permutation gives torch's result for any dtype, never a view."""
+    from sd_mecha_rebasin.spec import take_along
+
+    gen = torch.Generator().manual_seed(3)
+    values = (torch.randn(6, 5, 3, 2, generator=gen) * 100).to(dtype)
+    for source in (values, values.transpose(0, 1)):  # contiguous and not
+        for axes in ([0], [1], [2], [0, 1], [1, 3], [0, 1, 2, 3]):
+            indices = {axis: torch.randperm(source.shape[axis], generator=gen) for axis in axes}
+            expected = source
+            for axis, index in indices.items():
+                expected = expected.index_select(axis, index)
+            out = take_along(source, indices)
+            assert out.dtype == dtype and out.shape == expected.shape
+            assert torch.equal(out, expected)
+            assert out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+    rows = torch.tensor([4, 4, 0])  # a partial row index (a chunk of rows) is allowed
+    assert torch.equal(take_along(values, {0: rows}), values[rows])

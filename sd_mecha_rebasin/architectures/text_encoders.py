@@ -22,7 +22,13 @@ def hf_clip(b: SpecBuilder, prefix: str, heads: int, pooled: str | None = None) 
     for layer in numbered(b, prefix + "encoder.layers."):
         norm(b, layer + "layer_norm1.", [r])
         attention(
-            b, layer + "self_attn.", [r], [r], r, heads=heads, names=("q_proj.", "k_proj.", "v_proj.", "out_proj.")
+            b,
+            layer + "self_attn.",
+            [r],
+            [r],
+            r,
+            heads=heads,
+            names=("q_proj.", "k_proj.", "v_proj.", "out_proj."),
         )
         norm(b, layer + "layer_norm2.", [r])
         mlp(b, layer + "mlp.", "fc1.", "fc2.", r)

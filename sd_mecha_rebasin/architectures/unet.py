@@ -51,11 +51,15 @@ class UnetWalk:
         b, p = self.b, self.prefix
         width = b.shape(p + "time_embed.2.weight")[0]
         emb = b.space(p + "time_embed", "embedding", groups.Atom(width))
-        hidden = b.space(p + "time_embed.0", "embedding_hidden", groups.Atom(b.shape(p + "time_embed.0.weight")[0]))
+        hidden = b.space(
+            p + "time_embed.0", "embedding_hidden", groups.Atom(b.shape(p + "time_embed.0.weight")[0])
+        )
         linear(b, p + "time_embed.0.", None, hidden)
         linear(b, p + "time_embed.2.", [hidden], emb)
         if b.has(p + "label_emb.0.0.weight"):
-            label = b.space(p + "label_emb.0", "embedding_hidden", groups.Atom(b.shape(p + "label_emb.0.0.weight")[0]))
+            label = b.space(
+                p + "label_emb.0", "embedding_hidden", groups.Atom(b.shape(p + "label_emb.0.0.weight")[0])
+            )
             linear(b, p + "label_emb.0.0.", None, label)
             if pooled is not None:  # SDXL: the pooled text vector is the first slice of the ADM input
                 b.bind(p + "label_emb.0.0.weight", 1, pooled)
@@ -101,7 +105,9 @@ class UnetWalk:
             for n in ("norm1.", "norm2.", "norm3."):
                 norm(b, block + n, [inner])
             attention(b, block + "attn1.", [inner], [inner], inner, heads=f.num_heads, head_dim=f.head_dim)
-            attention(b, block + "attn2.", [inner], self.context, inner, heads=f.num_heads, head_dim=f.head_dim)
+            attention(
+                b, block + "attn2.", [inner], self.context, inner, heads=f.num_heads, head_dim=f.head_dim
+            )
             geglu(b, block + "ff.", inner)
         linear(b, p + "proj_out.", [inner], stream)
         return stream
@@ -124,5 +130,7 @@ class UnetWalk:
         linear(b, p + "out.2.", h, None)  # output channels are the model's output: never permuted
 
 
-def ldm_unet(b: SpecBuilder, prefix: str, facts: UnetFacts, context: list[str], pooled: str | None = None) -> None:
+def ldm_unet(
+    b: SpecBuilder, prefix: str, facts: UnetFacts, context: list[str], pooled: str | None = None
+) -> None:
     UnetWalk(b, prefix, facts, context, pooled).run()
