@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import groups
+from .scratch import scratch
 from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor, take_along
 from .warm_start import invariant_feature_start
 
@@ -133,7 +134,9 @@ def _cost_matrix(
     """
     n = spec.spaces[space].size
     dtype = _product_dtype(precision)
-    cost = torch.zeros(n, n, dtype=torch.float32, device=device)
+    cost = scratch("cost", (n, n), torch.float32).zero_() if device.type == "cpu" else None
+    if cost is None:
+        cost = torch.zeros(n, n, dtype=torch.float32, device=device)
     for key, axis, seg in spec.segments_of(space):
         if key not in ref or key not in aligned:
             continue
@@ -149,7 +152,7 @@ def _cost_matrix(
         if not contiguous:
             units = torch.from_numpy(seg.units).to(device)
             cost.index_put_((units[:, None], units[None, :]), block, accumulate=True)
-    return cost.to("cpu", torch.float64).numpy()
+    return scratch("cost64", (n, n), torch.float64).copy_(cost).numpy()  # valid until this thread's next
 
 
 def _solve(

@@ -16,6 +16,7 @@ counts as a legal or a locally best permutation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from . import groups
+from .scratch import scratch
 from .spec import Permutations, PermutationSpec
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22
@@ -35,37 +37,94 @@ features; beyond that, neighbouring positions are pooled (a token embedding's 49
 otherwise make 49408 features per unit of the residual stream)."""
 
 
-def unit_features(spec: PermutationSpec, key: str, value: torch.Tensor, axis: int, seg) -> torch.Tensor:
-    """`(units, f)` float32 features of the segment's units that no other permutation changes.
+def _pooled(mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+    """`(units, f)` features from `(units, positions)` means: positions pooled to `MAX_POSITIONS`."""
+    if mean.shape[1] > MAX_POSITIONS:
+        pool = torch.nn.functional.adaptive_avg_pool1d
+        mean = pool(mean[:, None, :], MAX_POSITIONS)[:, 0]
+        mean_square = pool(mean_square[:, None, :], MAX_POSITIONS)[:, 0]
+    return torch.cat([mean, mean_square], dim=1)
 
-    The mean and the mean square over the other permuted axes, at each position of the unpermuted
-    axes (a 1-D tensor: each unit's value and its square), pooled to at most `MAX_POSITIONS`.
+
+def key_features(spec: PermutationSpec, key: str, value: torch.Tensor) -> dict[int, torch.Tensor]:
+    """`(axis length, f)` float32 features along each permuted axis of `key`, none changed by another
+    permutation: the mean and the mean square over the other permuted axes, at each position of
+    the unpermuted axes (a unit with no other permuted axis: its values and their squares), pooled
+    to at most `MAX_POSITIONS` positions.
+
+    One pass over the tensor serves every axis: rows of axis 0 are read a chunk at a time, axis 0's
+    features come from each chunk, and the other axes' sums accumulate over the chunks.
     """
-    m = len(seg.units)
-    slices = value.narrow(axis, seg.start, m).movedim(axis, 0)
-    moved = [other + 1 if other < axis else other for other in spec.axes[key] if other != axis]
-    per_unit = max(1, slices[:1].numel())
-    step = max(1, ROWS_PER_CHUNK_ELEMENTS // per_unit)
-    parts = []
-    for lo in range(0, m, step):
-        chunk = slices[lo : lo + step].to(torch.float32, copy=True)  # squared in place below
-        rows = len(chunk)
-        if moved:
-            mean = chunk.mean(dim=moved).reshape(rows, -1)
-            mean_square = chunk.square_().mean(dim=moved).reshape(rows, -1)
+    axes = sorted(spec.axes[key])
+    if value.dim() == 0:
+        value = value[None]
+    if axes[0] != 0:  # axis 0 is a position axis: each permuted axis from its own slices
+        return {axis: _axis_features(spec, key, value, axis) for axis in axes}
+    per_row = max(1, value[:1].numel())
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // per_row)
+    row_parts = []
+    sums: dict[int, list[torch.Tensor]] = {}
+    for lo in range(0, value.shape[0], step):
+        chunk = value[lo : lo + step].to(torch.float32, copy=True)
+        square = chunk.square()
+        others = axes[1:]
+        if others:
+            row_parts.append(
+                _pooled(
+                    chunk.mean(dim=others).reshape(len(chunk), -1),
+                    square.mean(dim=others).reshape(len(chunk), -1),
+                )
+            )
         else:  # no other axis is permuted: every entry keeps its place
-            mean = chunk.reshape(rows, -1)
-            mean_square = mean.square()
-        if mean.shape[1] > MAX_POSITIONS:
-            pool = torch.nn.functional.adaptive_avg_pool1d
-            mean = pool(mean[:, None, :], MAX_POSITIONS)[:, 0]
-            mean_square = pool(mean_square[:, None, :], MAX_POSITIONS)[:, 0]
-        parts.append(torch.cat([mean, mean_square], dim=1))
+            row_parts.append(_pooled(chunk.reshape(len(chunk), -1), square.reshape(len(chunk), -1)))
+        for axis in others:
+            reduced = [a for a in axes if a != axis]
+            parts = (chunk.sum(dim=reduced), square.sum(dim=reduced))
+            if axis in sums:
+                sums[axis][0] += parts[0]
+                sums[axis][1] += parts[1]
+            else:
+                sums[axis] = list(parts)
+    out = {0: torch.cat(row_parts)}
+    for axis, (total, total_square) in sums.items():
+        count = math.prod(value.shape[a] for a in axes if a != axis)
+        moved = axis - sum(1 for a in axes if a < axis)  # its index once the reduced axes are gone
+        total, total_square = (
+            t.movedim(moved, 0).reshape(value.shape[axis], -1) / count for t in (total, total_square)
+        )
+        out[axis] = _pooled(total, total_square)
+    return out
+
+
+def _axis_features(spec: PermutationSpec, key: str, value: torch.Tensor, axis: int) -> torch.Tensor:
+    """`key_features` of one axis, read from that axis's own slices (when axis 0 is not permuted)."""
+    slices = value.movedim(axis, 0)
+    moved = [other + 1 if other < axis else other for other in spec.axes[key] if other != axis]
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, slices[:1].numel()))
+    parts = []
+    for lo in range(0, len(slices), step):
+        chunk = slices[lo : lo + step].to(torch.float32, copy=True)
+        rows = len(chunk)
+        square = chunk.square()
+        if moved:
+            parts.append(
+                _pooled(chunk.mean(dim=moved).reshape(rows, -1), square.mean(dim=moved).reshape(rows, -1))
+            )
+        else:
+            parts.append(_pooled(chunk.reshape(rows, -1), square.reshape(rows, -1)))
     return torch.cat(parts)
 
 
+def unit_features(spec: PermutationSpec, key: str, value: torch.Tensor, axis: int, seg) -> torch.Tensor:
+    """`(units, f)` features of one segment's units (see `key_features`)."""
+    return key_features(spec, key, value)[axis][seg.start : seg.start + len(seg.units)]
+
+
+KeyFeatures = dict[int, torch.Tensor]
+
+
 def _space_cost(
-    spec: PermutationSpec, space: str, ref: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]
+    spec: PermutationSpec, space: str, features: Mapping[str, tuple[KeyFeatures, KeyFeatures]]
 ) -> np.ndarray | None:
     """`-distance(ref unit u, model unit v)` over standardised invariant features, or None if none.
 
@@ -76,10 +135,10 @@ def _space_cost(
     n = spec.spaces[space].size
     ref_parts, model_parts = [], []
     for key, axis, seg in spec.segments_of(space):
-        if key not in ref or key not in model:
+        if key not in features:
             continue
-        x = unit_features(spec, key, ref[key], axis, seg)
-        y = unit_features(spec, key, model[key], axis, seg)
+        units = slice(seg.start, seg.start + len(seg.units))
+        x, y = (of_model[axis][units] for of_model in features[key])
         both = torch.cat([x, y])
         mean, scale = both.mean(dim=0), both.std(dim=0).clamp_min(1e-12) * np.sqrt(x.shape[1])
         for part, parts in ((x, ref_parts), (y, model_parts)):
@@ -90,8 +149,9 @@ def _space_cost(
         return None
     x, y = torch.cat(ref_parts, dim=1), torch.cat(model_parts, dim=1)
     # -||x_u - y_v||^2, built in place: at 5120 units every n x n temporary is 100 MB.
-    score = (x @ y.T).mul_(2).sub_(x.square().sum(1)[:, None]).sub_(y.square().sum(1)[None, :])
-    return score.double().numpy()
+    score = torch.matmul(x, y.T, out=scratch("features", (n, n), torch.float32))
+    score.mul_(2).sub_(x.square().sum(1)[:, None]).sub_(y.square().sum(1)[None, :])
+    return scratch("features64", (n, n), torch.float64).copy_(score).numpy()  # valid until the next call
 
 
 def invariant_feature_start(
@@ -105,12 +165,17 @@ def invariant_feature_start(
 ) -> Permutations:
     """Each permutation matched on its own from invariant features (spaces with none keep `init`)."""
 
+    def both(key: str) -> tuple[KeyFeatures, KeyFeatures]:
+        return key_features(spec, key, ref[key]), key_features(spec, key, model[key])
+
     def solve(space: str) -> np.ndarray:
-        cost = _space_cost(spec, space, ref, model)
+        cost = _space_cost(spec, space, features)
         if cost is None:
             return init[space]
         return groups.best_element(spec.spaces[space].tree, cost, solver)
 
+    keys = [key for key in spec.axes if key in ref and key in model]
     names = sorted(spec.spaces)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        features = dict(zip(keys, pool.map(both, keys)))  # one pass over each tensor, for all its axes
         return dict(zip(names, pool.map(solve, names)))

@@ -59,3 +59,18 @@ def test_start_from_features_recovers_a_permuted_copy(case):
     )
     expected = invert(hidden)
     assert all(np.array_equal(start[n], expected[n]) for n in spec.spaces)
+
+
+def test_one_pass_features_equal_each_axis_read_on_its_own(case, monkeypatch):
+    """The fused pass (chunks of axis 0, other axes summed across chunks) against each axis's slices."""
+    spec, model = case
+    monkeypatch.setattr(warm_start, "ROWS_PER_CHUNK_ELEMENTS", 50)  # many chunks per tensor
+    fused = 0
+    for key, axes in spec.axes.items():
+        features = warm_start.key_features(spec, key, model[key])
+        assert sorted(features) == sorted(axes)
+        for axis in axes:
+            alone = warm_start._axis_features(spec, key, model[key], axis)
+            torch.testing.assert_close(features[axis], alone, rtol=1e-5, atol=1e-6)
+            fused += axis != 0 and 0 in axes
+    assert fused > 20  # axes whose features came from sums across chunks

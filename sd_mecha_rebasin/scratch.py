@@ -1,0 +1,27 @@
+"""Per-thread reusable buffers for the n x n matrices of matching (up to 5120^2: 100-200 MB each).
+
+A fresh allocation that large is mmapped by glibc and page-faulted in on first touch: building and
+converting one SDXL-width cost matrix that way cost ~0.3 s of page faults alone, paid again by every
+solve. Each worker thread keeps its buffers instead; they go with the thread (the thread pools of
+matching and the warm start end with them).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_local = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised `shape` tensor, this thread's `name` buffer: valid until its next request."""
+    buffers: dict[str, torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = buffers.get(name)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffers[name] = buffer = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
