@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import groups
-from .scratch import scratch
+from .memory import return_freed_memory, scratch
 from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor, take_along
 from .warm_start import invariant_feature_start
 
@@ -333,6 +333,7 @@ def weight_matching(
     warm = None
     if warm_start and max_iter > 0:  # from the untouched model: its features do not depend on `start`
         warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver)
+        return_freed_memory()
     with ThreadPoolExecutor(max_workers=threads) as pool:  # solves, and the gathers of `move_to`
         aligned = AlignedModel(spec, model, overwrite=overwrite_model, pool=pool)
         moved_start = any(not np.array_equal(p, np.arange(len(p))) for p in start.values())

@@ -23,7 +23,6 @@ which deadlocks whenever sd-mecha reaches another key first (threads=0, or the k
 # No `from __future__ import annotations`: sd-mecha evaluates the Parameter annotations at runtime.
 import contextlib
 import copy
-import ctypes
 import dataclasses
 import functools
 import logging
@@ -41,6 +40,7 @@ from torch import Tensor
 from . import events
 from .architectures import config_shapes, permutation_spec
 from .matching import PRECISIONS, MatchResult, SweepStats, default_threads, weight_matching
+from .memory import return_freed_memory
 from .spec import Permutations, PermutationSpec, permute_tensor
 
 IDENTIFIER = "git_rebasin"
@@ -167,22 +167,9 @@ def _compact(tensor: Tensor, private: bool = True) -> Tensor:
     return tensor.clone() if private else tensor
 
 
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
-
-    The pre-pass frees gigabytes of tensors of every size (merge-dtype reads, matching temporaries,
-    finally the model copies); glibc keeps much of that in its per-thread heaps, and the next phase
-    (sd-mecha holds every output until the merge ends) would come on top of it.
-    """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _sweep_done(stats: SweepStats) -> None:
     events.emit("sweep", stats=stats)
-    _return_freed_memory()  # each sweep churns through temporaries of every size
+    return_freed_memory()  # each sweep churns through temporaries of every size
 
 
 def _read(state_dict: Mapping[str, Tensor], key: str) -> Tensor | None:
@@ -195,7 +182,8 @@ def _read(state_dict: Mapping[str, Tensor], key: str) -> Tensor | None:
 TRIM_EVERY_KEYS = 32
 """While reading, freed heap pages go back to the OS this often: sd-mecha's float32 reads, freed
 between the compact copies that stay, otherwise left ~3 GB of holes by the end of an SDXL read
-(read-phase peak 16.6 -> 13.4 GiB)."""
+(read-phase peak 16.6 -> 13.4 GiB). The same while the aligned copy of `a` is handed out: its
+tensors are freed one by one into the heaps of the threads that read them."""
 
 
 @dataclasses.dataclass
@@ -236,7 +224,7 @@ def read_models(
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for done, (key, (a_value, ref_value)) in enumerate(zip(keys, pool.map(read_pair, keys)), 1):
             if done % TRIM_EVERY_KEYS == 0:  # the freed float32 reads otherwise fragment the heap
-                _return_freed_memory()
+                return_freed_memory()
             if a_value is not None:
                 a_out[key] = a_value
             if ref_value is not None:
@@ -259,7 +247,7 @@ def align(
     """
     keys = [key for key in a.model_config.keys() if key in bound_keys(config)]  # config order
     a_held, ref_held = read_models(config, a, ref, keys, settings.threads or default_threads())
-    _return_freed_memory()
+    return_freed_memory()
     a_values = {key: held.value for key, held in a_held.items()}
     ref_values = {key: held.value for key, held in ref_held.items()}
     del ref_held  # `ref_values` holds the only reference: gone when matching returns
@@ -324,6 +312,7 @@ class rebasin:
         self._alignment: Alignment | None = None
         self._error: BaseException | None = None
         self._aligned_a: dict[str, HeldTensor] = {}
+        self._handed_out = 0
         """The pre-pass's copy of `a`, permuted; each key is handed out once, then dropped."""
 
     def __call__(
@@ -356,6 +345,10 @@ class rebasin:
         )
         held = self._aligned_a.pop(key, None) if key == bound else None  # an EMA copy is not held
         if held is not None:
+            with self._lock:
+                self._handed_out += 1
+                if self._handed_out % TRIM_EVERY_KEYS == 0:  # the copies were freed into many heaps
+                    return_freed_memory()
             return held.restored()
         return permute_tensor(alignment.spec, bound, a[key], alignment.perms)
 
@@ -384,7 +377,7 @@ class rebasin:
                 self._error = e
                 raise
             finally:
-                _return_freed_memory()  # the model copies of the pre-pass are gone by now
+                return_freed_memory()  # the model copies of the pre-pass are gone by now
             if cache is not None:
                 cache.update(settings=cache_key, alignment=self._alignment)
             return self._alignment
