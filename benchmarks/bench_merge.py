@@ -1,11 +1,12 @@
 """Whole merges to a file on a full-size random pair: `weighted_sum(A, rebasin(B, A))` against sd-mecha.
 
-    python benchmarks/bench_merge.py sd1-ldm [sdxl-sgm ...] [--iters 100] [--no-quality]
+    python benchmarks/bench_merge.py sd1-ldm [sdxl-sgm ...] [--iters 100] [--no-quality] [--device cuda]
 
 A is random (fan-in-scaled, fp16) over the config's keys; B is a legal random permutation of A
 plus 1% noise. Both are built once and cached under .bench_cache/ (gitignored). Each merge runs
 in its own process, which reports its wall time and peak RSS:
-- ours: `weighted_sum(A, git_rebasin(B, A), 0.5)`, and ours-bf16 with `precision="bf16"`;
+- ours: `weighted_sum(A, git_rebasin(B, A), 0.5)`, and ours-bf16 with `precision="bf16"` (the
+  pre-pass products on `--device`, CPU by default; sd-mecha itself merges on CPU);
 - plain: sd-mecha's `weighted_sum(A, B, 0.5)`, the floor;
 - builtin (sdxl-sgm only): `weighted_sum(A, rebasin(B, A), 0.5)` with sd-mecha's own SDXL `rebasin`.
 Then (unless --no-quality) each output's distance to A is compared with the ideal merge's,
@@ -69,7 +70,7 @@ def build_pair(config: str) -> None:
 # One merge, in a child process
 
 
-def run_one(kind: str, config: str, out: pathlib.Path, iters: int) -> dict:
+def run_one(kind: str, config: str, out: pathlib.Path, iters: int, device: str = "cpu") -> dict:
     """One merge; the phases are split at the pre-pass events: reading both models for the pre-pass,
     the pre-pass itself (warm start and sweeps), then sd-mecha streaming every key to the file."""
     import sd_mecha
@@ -81,7 +82,7 @@ def run_one(kind: str, config: str, out: pathlib.Path, iters: int) -> dict:
     a, b = sd_mecha.model(a_path, config=config), sd_mecha.model(b_path, config=config)
     if kind.startswith("ours"):
         precision = "bf16" if kind == "ours-bf16" else "fp32"
-        aligned = sd_mecha_rebasin.rebasin(b, a, iters=iters, precision=precision)
+        aligned = sd_mecha_rebasin.rebasin(b, a, iters=iters, precision=precision, device=device)
     elif kind == "builtin":
         aligned = sd_mecha.rebasin(b, a)  # sd-mecha's interface: rebasin(a, ref, iters=10)
     else:
@@ -143,9 +144,9 @@ def _peak_rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux, bytes on macOS
 
 
-def run_child(kind: str, config: str, iters: int) -> dict:
+def run_child(kind: str, config: str, iters: int, device: str = "cpu") -> dict:
     out = CACHE / f"{config}-out-{kind}.safetensors"
-    cmd = [sys.executable, __file__, config, "--child", kind, "--iters", str(iters)]
+    cmd = [sys.executable, __file__, config, "--child", kind, "--iters", str(iters), "--device", device]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # -9: most likely the out-of-memory killer
         raise RuntimeError(f"{kind} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
@@ -188,7 +189,7 @@ def ideal_distance(config: str) -> float:
     return 0.5 * distance_to(*pair_paths(config), undo=(spec, invert(random_permutation(spec, seed=1))))
 
 
-def bench(config: str, iters: int, quality: bool, only: list[str] | None = None) -> None:
+def bench(config: str, iters: int, quality: bool, only: list[str] | None = None, device: str = "cpu") -> None:
     a_path, b_path = pair_paths(config)
     if not (a_path.exists() and b_path.exists()):
         run_child("build", config, iters)
@@ -196,7 +197,7 @@ def bench(config: str, iters: int, quality: bool, only: list[str] | None = None)
     kinds = [kind for kind in kinds if not only or kind in only]
     reports = {}
     for kind in kinds:
-        reports[kind] = r = run_child(kind, config, iters)
+        reports[kind] = r = run_child(kind, config, iters, device)
         extra = ""
         if "prepass_seconds" in r:
             extra = (
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--kinds", help="comma-separated subset of ours,ours-bf16,plain,builtin")
     parser.add_argument("--no-quality", action="store_true", help="skip the distance of each output to A")
+    parser.add_argument("--device", default="cpu", help="torch device of our pre-pass products (cpu, cuda)")
     parser.add_argument("--child", choices=["build", "ours", "ours-bf16", "plain", "builtin"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "build":
@@ -239,10 +241,11 @@ def main() -> None:
     if args.child:
         (config,) = args.configs
         out = CACHE / f"{config}-out-{args.child}.safetensors"
-        print(json.dumps(run_one(args.child, config, out, args.iters)))
+        print(json.dumps(run_one(args.child, config, out, args.iters, args.device)))
         return
     for config in args.configs:
-        bench(config, args.iters, not args.no_quality, args.kinds.split(",") if args.kinds else None)
+        only = args.kinds.split(",") if args.kinds else None
+        bench(config, args.iters, not args.no_quality, only, args.device)
 
 
 if __name__ == "__main__":
