@@ -25,15 +25,14 @@ def product_shapes(config: str) -> collections.Counter:
     shapes = {key: shape for key, shape in config_shapes(config).items() if key in bound_keys(config)}
     spec = permutation_spec(config, shapes=shapes)
     flops: collections.Counter = collections.Counter()
+    meta = torch.device("meta")  # shapes only: the slices `matching` would build, without data
     for space in spec.spaces:
         for key, axis, seg in spec.segments_of(space):
-            m = len(seg.units)
-            part = torch.empty(shapes[key], device="meta").narrow(axis, seg.start, m).movedim(axis, 0)
-            if part.dim() == 1:
+            value = torch.empty(shapes[key], device=meta)
+            if value.dim() == 1:  # a bias or norm weight: a rank-1 update, not a GEMM worth counting
                 continue
-            step = max(1, matching.CHUNK_ELEMENTS // max(1, part[:, :1].numel()))
-            for lo in range(0, part.shape[1], step):
-                k = part[:, lo : lo + step].numel() // m
+            for a, _ in matching._paired_chunks(value, value, axis, seg, torch.float32, meta):
+                m, k = a.shape
                 flops[(m, k)] += 2 * m * m * k
     return flops
 

@@ -134,8 +134,9 @@ def _cost_matrix(
     """
     n = spec.spaces[space].size
     dtype = _product_dtype(precision)
-    cost = scratch("cost", (n, n), torch.float32).zero_() if device.type == "cpu" else None
-    if cost is None:
+    if device.type == "cpu":
+        cost = scratch("cost", (n, n), torch.float32).zero_()
+    else:
         cost = torch.zeros(n, n, dtype=torch.float32, device=device)
     for key, axis, seg in spec.segments_of(space):
         if key not in ref or key not in aligned:
@@ -269,9 +270,11 @@ def objectives_and_distances(
         for lo in range(0, a_full.shape[0], step):
             a = a_full[lo : lo + step].float()
             for total, gather in zip(totals, gathers):
-                rows = gather | {0: gather[0][lo : lo + step]} if 0 in gather else gather
-                b = b_full[lo : lo + step] if 0 not in gather else b_full
-                b = (take_along(b, rows) if rows else b).float()
+                if 0 in gather:  # this chunk's rows, gathered from anywhere in the tensor
+                    b = take_along(b_full, gather | {0: gather[0][lo : lo + step]})
+                else:
+                    b = take_along(b_full[lo : lo + step], gather) if gather else b_full[lo : lo + step]
+                b = b.float()
                 total[0] += _accurate_sum(a * b)
                 total[1] += _accurate_sum((b - a).square_())
     return [(dot, sq) for dot, sq in totals]

@@ -11,6 +11,7 @@ matching and the warm start end with them).
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 
 import torch
@@ -21,9 +22,7 @@ _local = threading.local()
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised `shape` tensor, this thread's `name` buffer: valid until its next request."""
     buffers: dict[str, torch.Tensor] = _local.__dict__.setdefault("buffers", {})
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     buffer = buffers.get(name)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
         buffers[name] = buffer = torch.empty(numel, dtype=dtype)
@@ -34,7 +33,7 @@ def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
 
     Worker threads allocate from their own glibc arenas, which keep freed chunks: the warm start's
-    features (16 MiB float32 chunks on two threads) left 1.7 GB resident on SD1 until trimmed,
+    features, read in 16 MiB float32 chunks on two threads, left 1.7 GB resident on SD1 until trimmed,
     and the reads, products and model copies of a merge churn through gigabytes the same way.
     """
     try:

@@ -312,8 +312,8 @@ class rebasin:
         self._alignment: Alignment | None = None
         self._error: BaseException | None = None
         self._aligned_a: dict[str, HeldTensor] = {}
-        self._handed_out = 0
         """The pre-pass's copy of `a`, permuted; each key is handed out once, then dropped."""
+        self._handed_out = 0
 
     def __call__(
         self,

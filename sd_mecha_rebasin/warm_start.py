@@ -54,21 +54,20 @@ def key_features(spec: PermutationSpec, key: str, value: torch.Tensor) -> dict[i
     the unpermuted axes (a unit with no other permuted axis: its values and their squares), pooled
     to at most `MAX_POSITIONS` positions.
 
-    One pass over the tensor serves every axis: rows of axis 0 are read a chunk at a time, axis 0's
-    features come from each chunk, and the other axes' sums accumulate over the chunks.
+    One pass over the tensor serves every axis: rows of the first permuted axis are read a chunk at
+    a time, that axis's features come from each chunk, and the other axes' sums accumulate over the
+    chunks.
     """
-    axes = sorted(spec.axes[key])
     if value.dim() == 0:
         value = value[None]
-    if axes[0] != 0:  # axis 0 is a position axis: each permuted axis from its own slices
-        return {axis: _axis_features(spec, key, value, axis) for axis in axes}
-    per_row = max(1, value[:1].numel())
-    step = max(1, ROWS_PER_CHUNK_ELEMENTS // per_row)
+    first, *others = sorted(spec.axes[key])
+    view = value.movedim(first, 0)  # the other permuted axes come after `first`: their numbers stay
+    axes = [0, *others]
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, view[:1].numel()))
     row_parts = []
     sums: dict[int, list[torch.Tensor]] = {}
-    others = axes[1:]
-    for lo in range(0, value.shape[0], step):
-        chunk = value[lo : lo + step].to(torch.float32, copy=True)  # squared in place: one buffer
+    for lo in range(0, view.shape[0], step):
+        chunk = view[lo : lo + step].to(torch.float32, copy=True)  # squared in place: one buffer
         rows = len(chunk)
         stats = []  # (per-row means, per-axis sums) of the values, then of their squares
         for squared in (False, True):
@@ -90,35 +89,15 @@ def key_features(spec: PermutationSpec, key: str, value: torch.Tensor) -> dict[i
                 sums[axis][1] += square_sum
             else:
                 sums[axis] = [value_sum, square_sum]
-    out = {0: torch.cat(row_parts)}
+    out = {first: torch.cat(row_parts)}
     for axis, (total, total_square) in sums.items():
-        count = math.prod(value.shape[a] for a in axes if a != axis)
+        count = math.prod(view.shape[a] for a in axes if a != axis)
         moved = axis - sum(1 for a in axes if a < axis)  # its index once the reduced axes are gone
         total, total_square = (
-            t.movedim(moved, 0).reshape(value.shape[axis], -1) / count for t in (total, total_square)
+            t.movedim(moved, 0).reshape(view.shape[axis], -1) / count for t in (total, total_square)
         )
         out[axis] = _pooled(total, total_square)
     return out
-
-
-def _axis_features(spec: PermutationSpec, key: str, value: torch.Tensor, axis: int) -> torch.Tensor:
-    """`key_features` of one axis, read from that axis's own slices (when axis 0 is not permuted)."""
-    slices = value.movedim(axis, 0)
-    moved = [other + 1 if other < axis else other for other in spec.axes[key] if other != axis]
-    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, slices[:1].numel()))
-    parts = []
-    for lo in range(0, len(slices), step):
-        chunk = slices[lo : lo + step].to(torch.float32, copy=True)  # squared in place below
-        rows = len(chunk)
-        mean = chunk.mean(dim=moved) if moved else chunk.clone()
-        mean_square = chunk.square_().mean(dim=moved) if moved else chunk.square_()
-        parts.append(_pooled(mean.reshape(rows, -1), mean_square.reshape(rows, -1)))
-    return torch.cat(parts)
-
-
-def unit_features(spec: PermutationSpec, key: str, value: torch.Tensor, axis: int, seg) -> torch.Tensor:
-    """`(units, f)` features of one segment's units (see `key_features`)."""
-    return key_features(spec, key, value)[axis][seg.start : seg.start + len(seg.units)]
 
 
 KeyFeatures = dict[int, torch.Tensor]
