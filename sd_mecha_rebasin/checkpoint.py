@@ -4,7 +4,7 @@ Everything here works from a file's header (safetensors) or one load (pickles) b
 starts, so that a bad input fails in seconds with one line naming the file and the problem, never
 minutes later inside sd-mecha. `UserError` is the one exception type for such problems.
 
-Key policy (see `is_merged_key` and `cli.assemble`): the output has the key layout of the base
+Key policy (see `is_merged_key` and `jobs.assemble`): the output has the key layout of the base
 model (A for a merge, B for an alignment). The config's floating-point weights (text encoders,
 UNet, VAE) present in both models are merged; everything else of the base model is kept as it is:
 EMA weights (cast to the output dtype; permuted like the UNet weights they copy in an alignment),

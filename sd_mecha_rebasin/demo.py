@@ -152,7 +152,7 @@ def run_demo(
     """Write A and B, merge them twice (plain average, re-basin), print and return the comparison."""
     from safetensors.torch import load_file
 
-    from .cli import DEMO_LAYOUT, DEMO_LAYOUT_KEY, RunOptions, run
+    from .jobs import DEMO_LAYOUT, DEMO_LAYOUT_KEY, RunOptions, run
     from .output import write_safetensors
     from .spec import invert
 

@@ -1,0 +1,556 @@
+"""The jobs behind the command line, as library functions: merge, align, plain average, inspect.
+
+`run(mode, a, b, output, RunOptions(...))` checks both files, builds the sd-mecha recipe, merges,
+keeps what the key policy says and writes the output atomically with its metadata; it raises
+`UserError` (one line naming the file and the problem) for anything the user can fix.
+`merge_files` and `align_files` are its two everyday forms; `describe_checkpoint` is `inspect`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import math
+import os
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .checkpoint import (
+    FAMILY_NAMES,
+    MARKER_KEYS,
+    Checkpoint,
+    UserError,
+    check_finite,
+    check_pair,
+    component_of_keys_cached,
+    detect_family,
+    ema_map,
+    is_merged_key,
+    open_checkpoint,
+    register_pickle_format,
+    release_pickles,
+    validate,
+)
+from .output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
+from .progress import Progress, capture_logging, warn
+
+DEMO_LAYOUT_KEY = "sd_rebasin_layout"
+DEMO_LAYOUT = "demo-small-sd1"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_LABELS = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Options and results
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Everything `run` needs besides the two models; the CLI options map one to one."""
+
+    iters: int = 100
+    seed: int = 0
+    threads: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    output_dtype: str = "fp16"
+    save_recipe: pathlib.Path | None = None
+    metadata: bool = True
+    overwrite: bool = False
+    quiet: bool = False
+    progress: bool = True
+    arch: Mapping[str, Mapping[str, Any]] | None = None
+    """Architecture overrides for models whose facts differ from the family's (the demo's small models)."""
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    """Key -> shape the models are checked against instead of the family config's (small models)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a merge or an alignment did (the --json summary is built from it)."""
+
+    command: str
+    output: pathlib.Path
+    config: str
+    alpha: float | None
+    sweeps: int
+    converged: bool
+    objective_start: float
+    objective: float
+    rel_distance: float
+    permutations: int
+    permutations_changed: int
+    prepass_seconds: float
+    seconds: float
+    output_bytes: int
+    kept: dict[str, int]
+    left_out: int
+    perms: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out = {
+            "command": self.command,
+            "output": str(self.output),
+            "family": FAMILY_NAMES.get(self.config, self.config),
+            "config": self.config,
+            "alpha": self.alpha,
+            "sweeps": self.sweeps,
+            "converged": self.converged,
+            "objective_start": self.objective_start,
+            "objective": self.objective,
+            "rel_distance": self.rel_distance,
+            "permutations": self.permutations,
+            "permutations_changed": self.permutations_changed,
+            "prepass_seconds": round(self.prepass_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "output_bytes": self.output_bytes,
+            "kept_keys": self.kept,
+            "left_out_keys": self.left_out,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        if self.alpha is None:
+            del out["alpha"]
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline shared by merge and align
+
+
+def check_device(device: str) -> str:
+    """Normalise `--device`; UserError when CUDA is asked for but torch sees no GPU."""
+    device = device.strip().lower()
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support"
+                if torch.version.cuda is None
+                else "torch sees no CUDA GPU"
+            )
+            raise UserError(f"--device {device}: no GPU available ({why}); use --device cpu")
+        if ":" in device:
+            index = int(device.split(":", 1)[1]) if device.split(":", 1)[1].isdigit() else -1
+            if not 0 <= index < torch.cuda.device_count():
+                raise UserError(f"--device {device}: no such GPU ({torch.cuda.device_count()} visible)")
+        return device
+    raise UserError(f"--device {device!r}: expected cpu or cuda", exit_code=2)
+
+
+def load_inputs(
+    a_path: pathlib.Path, b_path: pathlib.Path, opts: RunOptions
+) -> tuple[Checkpoint, Checkpoint, RunOptions]:
+    """Open, identify and validate both models from their headers (the NaN/Inf scan comes later).
+
+    When a file written by `sd-rebasin demo` (marked in its metadata) takes part, both are checked
+    against the demo's small layout instead of the family's: a full-size model then fails validation.
+    """
+    register_pickle_format()
+    a = open_checkpoint(a_path)
+    detect_family(a)
+    b = open_checkpoint(b_path)
+    detect_family(b)
+    check_pair(a, b)
+    if opts.shapes is None and any(c.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT for c in (a, b)):
+        from .demo import SMALL_ARCH, small_shapes
+
+        opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
+    validate(a, opts.shapes)
+    validate(b, opts.shapes)
+    return a, b, opts
+
+
+def _hash_inputs(paths: Sequence[pathlib.Path], stop: threading.Event) -> dict[str, tuple[str, str]]:
+    return {p.name: (sha256_file(p, stop=stop), legacy_hash(p)) for p in dict.fromkeys(paths)}
+
+
+def _in_background(fn: Callable[[], Any]) -> Any:
+    """Run `fn` in a daemon thread; the main thread stays free to receive Ctrl-C.
+
+    sd-mecha's worker pool finishes every queued key before it lets an interrupt through; here the
+    interrupt reaches `run` at once, which removes its temporary files (see `main` for the exit).
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="sd-rebasin-merge", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.25)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _rebasin_node(model: Any, ref: Any, opts: RunOptions) -> Any:
+    """`git_rebasin(model, ref)`: `model` permuted into `ref`'s basis (a recipe node)."""
+    from .merge_method import rebasin
+
+    return rebasin(
+        model,
+        ref,
+        iters=opts.iters,
+        seed=opts.seed,
+        threads=opts.threads,
+        device=opts.device,
+        precision=opts.precision,
+    )
+
+
+def _arch(config: str, arch: Mapping[str, Mapping[str, Any]] | None) -> contextlib.AbstractContextManager:
+    """The merge method's architecture override for small models (nothing for real checkpoints)."""
+    if not arch:
+        return contextlib.nullcontext()
+    from .merge_method import arch_override
+
+    return arch_override(config, arch)
+
+
+def _perm_spec(config: str, opts: RunOptions):
+    from . import permutation_spec
+
+    return permutation_spec(config, arch=opts.arch, shapes=opts.shapes)
+
+
+def _kept_category(config: str, key: str) -> str:
+    if key in MARKER_KEYS:
+        return "markers"
+    component = component_of_keys_cached(config).get(key)
+    if component == "ema":
+        return "ema"
+    if component == "scheduler":
+        return "scheduler"
+    if component is None:
+        return "unknown"
+    return "buffers"
+
+
+def assemble(
+    mode: str,
+    a: Checkpoint,
+    b: Checkpoint,
+    merged: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    perms: Mapping[str, Any] | None,
+    opts: RunOptions,
+) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """The output state dict: sd-mecha's result for merged keys, the rest kept as the policy says.
+
+    The output has the key layout of the base model (A for a merge, B for an alignment). Keys that
+    take part in the merge come from sd-mecha. Everything else of the base model is kept as it is:
+    EMA weights (cast to the output dtype; for an alignment permuted like the UNet weights they copy),
+    scheduler buffers, v-prediction markers, integer buffers and keys the config does not know
+    (stored dtype kept); so is a weight the other model lacks (cast to the output dtype). Keys only
+    in the other model are left out (returned as a count).
+    """
+    base, other = (b, a) if mode == "align" else (a, b)
+    config = base.config
+    assert config is not None
+    out: dict[str, torch.Tensor] = {}
+    kept: collections.Counter[str] = collections.Counter()
+    to_keep: list[str] = []
+    for key in base.shapes:
+        canon = base.canonical.get(key, key)
+        if is_merged_key(config, canon, base.dtypes[key]) and canon in merged:
+            out[canon] = merged[canon]
+        else:
+            out[canon] = None  # type: ignore[assignment]  # placeholder keeps the file's order
+            to_keep.append(key)
+    unet = [k for k in out if k.startswith("model.diffusion_model.")]
+    emas = ema_map(to_keep, unet)  # EMA copies of UNet weights: weights, cast to the output dtype
+    spec = _perm_spec(config, opts) if mode == "align" and perms and emas else None
+    for key, tensor in base.iter_tensors(to_keep):
+        canon = base.canonical.get(key, key)
+        weight = key in emas or is_merged_key(config, canon, tensor.dtype)
+        if spec is not None and key in emas:
+            from .spec import permute_tensor
+
+            tensor = permute_tensor(spec, emas[key], tensor, dict(perms))
+            kept["ema_permuted"] += 1
+        else:
+            kept["weights" if weight and key not in emas else _kept_category(config, canon)] += 1
+        if weight and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        out[canon] = tensor
+    base_keys = set(out)
+    left_out = sum(1 for k in other.shapes if other.canonical.get(k, k) not in base_keys)
+    return out, dict(kept), left_out
+
+
+def run(
+    mode: str,
+    a_path: str | os.PathLike,
+    b_path: str | os.PathLike,
+    output: str | os.PathLike,
+    opts: RunOptions,
+    alpha: float = 0.5,
+) -> RunResult:
+    """Merge (`mode="merge"`: (1 - alpha) * A + alpha * pi(B)) or align (`mode="align"`: pi(B)) to a file.
+
+    `mode="average"` is the plain weighted sum (1 - alpha) * A + alpha * B, no re-basin (the demo's
+    baseline), through the same checks and output.
+    """
+    if mode not in ("merge", "align", "average"):
+        raise ValueError(f"unknown mode {mode!r}")
+    import sd_mecha
+
+    from . import events
+
+    t0 = time.perf_counter()
+    a_path, b_path, output = pathlib.Path(a_path), pathlib.Path(b_path), pathlib.Path(output)
+    device = check_device(opts.device)
+    opts = dataclasses.replace(opts, device=device)
+    dtype = DTYPES[opts.output_dtype]
+    a, b, opts = load_inputs(a_path, b_path, opts)
+    for ckpt in (a, b):
+        if output.resolve() == ckpt.path.resolve():
+            raise UserError(f"is an input ({'A' if ckpt is a else 'B'}); choose another output file", output)
+    demo_layout = any(c.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT for c in (a, b))
+    stop_hashing = threading.Event()
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-rebasin-hash")
+    try:
+        hashes = hasher.submit(_hash_inputs, [a.path, b.path], stop_hashing) if opts.metadata else None
+        with contextlib.ExitStack() as stack:
+            target = stack.enter_context(AtomicOutput(output, overwrite=opts.overwrite))
+            recipe_target = None
+            if opts.save_recipe is not None:
+                recipe_target = stack.enter_context(
+                    AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
+                )
+            for ckpt in (a, b):
+                check_finite(ckpt, threads=opts.threads or 0)
+            _warn_prediction_mismatch(mode, a, b, opts.quiet)
+
+            config = a.config
+            assert config is not None
+            model_a = sd_mecha.model(str(a.path.resolve()), config)
+            model_b = sd_mecha.model(str(b.path.resolve()), config)
+            if mode == "average":
+                recipe = sd_mecha.weighted_sum(model_a, model_b, alpha=alpha)
+            elif mode == "merge":
+                recipe = sd_mecha.weighted_sum(model_a, _rebasin_node(model_b, model_a, opts), alpha=alpha)
+            else:
+                recipe = _rebasin_node(model_b, model_a, opts)
+
+            progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
+            merged: dict[str, Any] = {}
+            try:
+                with events.listening(progress), capture_logging(opts.quiet), _arch(config, opts.arch):
+                    _in_background(
+                        lambda: sd_mecha.merge(
+                            recipe,
+                            output=merged,
+                            output_dtype=dtype,
+                            merge_device="cpu",
+                            threads=opts.threads or None,
+                            tqdm=progress.tqdm_factory(),
+                            check_extra_keys=False,
+                            omit_non_finite_inputs=False,
+                        )
+                    )
+            finally:
+                progress.close()
+            mecha = merged.pop("__metadata__", {}).get("mecha_recipe")
+            result = progress.result
+            perms = dict(result.perms) if result is not None else {}
+            tensors, kept, left_out = assemble(mode, a, b, merged, dtype, perms, opts)
+            merged.clear()
+            if left_out and not opts.quiet:
+                other, base = (a, b) if mode == "align" else (b, a)
+                warn(
+                    f"{left_out} key(s) only in {other.name} left out (the output has the keys of {base.name})"
+                )
+
+            metadata = None
+            if opts.metadata:
+                metadata = build_metadata(
+                    mode=mode,
+                    config=config,
+                    a=a,
+                    b=b,
+                    hashes=hashes.result() if hashes is not None else {},
+                    output=output,
+                    mecha_recipe=anonymize_recipe(mecha, {str(c.path.resolve()): c.name for c in (a, b)})
+                    if mecha
+                    else None,
+                    params={
+                        "multiplier": None if mode == "align" else alpha,
+                        "alpha": None if mode == "align" else alpha,
+                        "iters": opts.iters,
+                        "seed": opts.seed,
+                        "sweeps": _sweeps(result),
+                        "converged": bool(result.converged) if result is not None else None,
+                        "rel_distance": result.rel_distance if result is not None else None,
+                        "save_as_half": opts.output_dtype != "fp32",
+                        "output_dtype": opts.output_dtype,
+                        "config_source": config,
+                    },
+                    prediction_type="v"
+                    if "v_pred" in (b if mode == "align" else a).canonical.values()
+                    else None,
+                )
+                if demo_layout:
+                    metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
+            if recipe_target is not None and not mecha:
+                raise UserError("sd-mecha could not serialize this recipe", opts.save_recipe)
+            size = target.commit(tensors, metadata)
+            del tensors
+            if recipe_target is not None:
+                recipe_target.commit_text(
+                    mecha
+                )  # no final newline: sd-mecha 1.1.8 cannot parse an empty line
+    finally:
+        stop_hashing.set()
+        hasher.shutdown(wait=False, cancel_futures=True)
+        release_pickles()
+    first = result.history[0] if result is not None else None
+    return RunResult(
+        command=mode,
+        output=output,
+        config=config,
+        alpha=None if mode == "align" else alpha,
+        sweeps=_sweeps(result),
+        converged=bool(result.converged) if result is not None else False,
+        objective_start=float(first.objective) if first is not None else math.nan,
+        objective=float(result.objective) if result is not None else math.nan,
+        rel_distance=float(result.rel_distance) if result is not None else math.nan,
+        permutations=len(perms),
+        permutations_changed=sum(1 for p in perms.values() if any(int(v) != i for i, v in enumerate(p))),
+        prepass_seconds=progress.prepass_seconds,
+        seconds=time.perf_counter() - t0,
+        output_bytes=size,
+        kept=kept,
+        left_out=left_out,
+        perms=perms,
+    )
+
+
+def _sweeps(result: Any) -> int:
+    return max(0, len(result.history) - 1) if result is not None else 0
+
+
+def _warn_prediction_mismatch(mode: str, a: Checkpoint, b: Checkpoint, quiet: bool) -> None:
+    """Warn when one model carries a v-prediction / zero-terminal-SNR marker and the other does not."""
+    if quiet:
+        return
+    base = b if mode == "align" else a
+    for marker in ("v_pred", "ztsnr"):
+        in_a, in_b = marker in a.canonical.values(), marker in b.canonical.values()
+        if in_a != in_b:
+            has, lacks = (a, b) if in_a else (b, a)
+            warn(
+                f"{has.name} has the '{marker}' marker and {lacks.name} does not "
+                f"(different prediction types?); the output keeps the markers of {base.name}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Click commands
+
+
+def merge_files(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    output: str | os.PathLike,
+    alpha: float = 0.5,
+    options: RunOptions | None = None,
+) -> RunResult:
+    """Write `(1 - alpha) * A + alpha * pi(B)` to `output`, B aligned to A by weight matching.
+
+    Raises `UserError` for bad input (see `run`)."""
+    return run("merge", a, b, output, options or RunOptions(), alpha=alpha)
+
+
+def align_files(
+    b: str | os.PathLike, ref: str | os.PathLike, output: str | os.PathLike, options: RunOptions | None = None
+) -> RunResult:
+    """Write B permuted into `ref`'s basis (the same function as B) to `output`."""
+    return run("align", ref, b, output, options or RunOptions())
+
+
+def describe_checkpoint(
+    path: pathlib.Path, verbose: bool = False, opts: RunOptions | None = None
+) -> dict[str, Any]:
+    """What `inspect` reports about one file."""
+    opts = opts or RunOptions()
+    register_pickle_format()
+    try:
+        ckpt = open_checkpoint(path)
+        config = detect_family(ckpt)
+        if opts.shapes is None and ckpt.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT:
+            from .demo import SMALL_ARCH, small_shapes
+
+            opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
+        problem = None
+        try:
+            validate(ckpt, opts.shapes)
+        except UserError as e:
+            problem = e.problem
+        dtypes = collections.Counter(DTYPE_LABELS.get(d, str(d)) for d in ckpt.dtypes.values())
+        parts: collections.Counter[str] = collections.Counter()
+        components = component_of_keys_cached(config)
+        for key in ckpt.shapes:
+            canon = ckpt.canonical.get(key, key)
+            parts[components.get(canon, "unknown")] += 1
+        info: dict[str, Any] = {
+            "file": str(path),
+            "format": ckpt.kind,
+            "bytes": path.stat().st_size,
+            "family": ckpt.family,
+            "config": config,
+            "keys": len(ckpt.shapes),
+            "parameters": ckpt.parameters(),
+            "dtypes": dict(dtypes.most_common()),
+            "parts": dict(parts.most_common()),
+            "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
+            "modelspec": {
+                k: v
+                for k, v in ckpt.metadata.items()
+                if k.startswith("modelspec.") and k != "modelspec.thumbnail"
+            },
+            "merge_recipe": "sd_merge_recipe" in ckpt.metadata or "mecha_recipe" in ckpt.metadata,
+            "problem": problem,
+        }
+        if problem is None:
+            spec = _perm_spec(config, opts)
+            info["spec"] = spec.describe(verbose=verbose)
+            info["spec_summary"] = spec.summary()
+            info["permuted_keys"] = sum(1 for k in ckpt.canonical.values() if k in spec.axes)
+        return info
+    finally:
+        release_pickles()
