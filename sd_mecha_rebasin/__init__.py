@@ -1,6 +1,8 @@
 """Exact Git Re-Basin for Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL), as an sd-mecha merge method.
 
-Importing the package registers the `sd2-ldm` model config with sd-mecha.
+Importing the package registers the `sd2-ldm` model config with sd-mecha, the `git_rebasin` merge
+method, and its implementations of sd-mecha's `rebasin` interface for sd1-ldm, sd2-ldm and sdxl-sgm
+(`mecha_interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2 and SDXL.
 """
 
 from .architectures import permutation_spec
@@ -10,6 +12,8 @@ from .model_configs import register_model_configs
 from .spec import Permutations, PermutationSpec, apply_permutation, random_permutation
 
 register_model_configs()
+
+from . import mecha_interface  # noqa: E402, F401  (registers on import; needs the sd2-ldm config registered above)
 
 __all__ = [
     "MatchResult",
