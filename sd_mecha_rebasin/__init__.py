@@ -2,7 +2,8 @@
 
 Importing the package registers the `sd2-ldm` model config with sd-mecha, the `git_rebasin` merge
 method, and its implementations of sd-mecha's `rebasin` interface for sd1-ldm, sd2-ldm and sdxl-sgm
-(`mecha_interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2 and SDXL.
+(`mecha_interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2 and SDXL, and the
+conversion of SD1 block weights to sd2-ldm keys (`blocks`).
 """
 
 from .architectures import permutation_spec
@@ -13,7 +14,7 @@ from .spec import Permutations, PermutationSpec, apply_permutation, random_permu
 
 register_model_configs()
 
-from . import mecha_interface  # noqa: E402, F401  (registers on import; needs the sd2-ldm config registered above)
+from . import blocks, mecha_interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
 
 __all__ = [
     "MatchResult",

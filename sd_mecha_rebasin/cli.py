@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 
 import click
 
+from .blocks import block_names, block_order_text, check_range, parse_alpha
 from .checkpoint import FAMILY_NAMES, UserError
 from .jobs import DTYPES, RunOptions, RunResult, describe_checkpoint, run
 from .matching import PRECISIONS
@@ -158,11 +158,22 @@ def cli() -> None:
 )
 @click.option(
     "--alpha",
-    type=float,
-    default=0.5,
+    default="0.5",
     show_default=True,
+    metavar="ALPHA",
     help="Weight of B: the output is (1 - alpha) * A + alpha * pi(B); 0.5 is the plain average "
-    "of A and B aligned to A, 0 gives A, 1 gives pi(B).",
+    "of A and B aligned to A, 0 gives A, 1 gives pi(B). Per-block weights (MBW, supermerger's "
+    "blocks): one number per block, comma-separated, in this order: "
+    f"SD1 and SD2 ({len(block_names('sd1-ldm'))}): {block_order_text('sd1-ldm')}; "
+    f"SDXL ({len(block_names('sdxl-sgm'))}): {block_order_text('sdxl-sgm')}. Or BLOCK=W pairs, "
+    "the rest from default=W or --alpha-default (e.g. IN00=0,OUT11=1,default=0.5). BASE is the "
+    "text encoder(s), time embedding and (SD1/SD2) VAE; SDXL's VAE follows BASE unless VAE=W is given.",
+)
+@click.option(
+    "--alpha-default",
+    type=float,
+    default=None,
+    help="With BLOCK=W pairs in --alpha: the weight of the blocks they leave out.",
 )
 @click.option("--allow-extrapolation", is_flag=True, help="Allow --alpha outside [0, 1].")
 @_common_options
@@ -170,7 +181,8 @@ def merge(
     model_a: pathlib.Path,
     model_b: pathlib.Path,
     output: pathlib.Path,
-    alpha: float,
+    alpha: str,
+    alpha_default: float | None,
     allow_extrapolation: bool,
     as_json: bool,
     **kw: Any,
@@ -181,11 +193,13 @@ def merge(
     has A's keys: EMA weights, scheduler buffers, v-prediction markers and keys sd-mecha does not
     know are copied from A as they are.
     """
-    if not math.isfinite(alpha) or (not allow_extrapolation and not 0.0 <= alpha <= 1.0):
-        raise UserError(
-            f"--alpha {alpha}: must lie in [0, 1] (pass --allow-extrapolation to go beyond)", exit_code=2
-        )
-    res = run("merge", model_a, model_b, output, _options(kw), alpha=alpha)
+    try:
+        weights = parse_alpha(alpha, alpha_default)
+        check_range(weights, allow_extrapolation)
+    except ValueError as e:
+        raise UserError(str(e), exit_code=2) from e
+    per_key = weights if weights.per_block else weights.scalar
+    res = run("merge", model_a, model_b, output, _options(kw), alpha=per_key)
     _print_result(res, as_json, kw["quiet"])
     return 0
 

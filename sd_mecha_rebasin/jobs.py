@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .blocks import Alpha
 from .checkpoint import (
     FAMILY_NAMES,
     MARKER_KEYS,
@@ -91,7 +92,8 @@ class RunResult:
     command: str
     output: pathlib.Path
     config: str
-    alpha: float | None
+    alpha: float | dict[str, float] | None
+    """B's weight, or block name -> B's weight for per-block alpha (MBW)."""
     sweeps: int
     converged: bool
     objective_start: float
@@ -318,12 +320,14 @@ def run(
     b_path: str | os.PathLike,
     output: str | os.PathLike,
     opts: RunOptions,
-    alpha: float = 0.5,
+    alpha: float | Alpha = 0.5,
 ) -> RunResult:
     """Merge (`mode="merge"`: (1 - alpha) * A + alpha * pi(B)) or align (`mode="align"`: pi(B)) to a file.
 
     `mode="average"` is the plain weighted sum (1 - alpha) * A + alpha * B, no re-basin (the demo's
-    baseline), through the same checks and output.
+    baseline), through the same checks and output. `alpha` may be per block (`blocks.parse_alpha`):
+    each key then gets its block's alpha through sd-mecha's block conversions; a form that does not
+    fit A's family is a UserError (exit code 2) before any work.
     """
     if mode not in ("merge", "align", "average"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -337,6 +341,7 @@ def run(
     opts = dataclasses.replace(opts, device=device)
     dtype = DTYPES[opts.output_dtype]
     a, b, opts = load_inputs(a_path, b_path, opts)
+    alpha_node, alpha_shown = _alpha(alpha, a.config)
     for ckpt in (a, b):
         if output.resolve() == ckpt.path.resolve():
             raise UserError(f"is an input ({'A' if ckpt is a else 'B'}); choose another output file", output)
@@ -361,9 +366,11 @@ def run(
             model_a = sd_mecha.model(str(a.path.resolve()), config)
             model_b = sd_mecha.model(str(b.path.resolve()), config)
             if mode == "average":
-                recipe = sd_mecha.weighted_sum(model_a, model_b, alpha=alpha)
+                recipe = sd_mecha.weighted_sum(model_a, model_b, alpha=alpha_node)
             elif mode == "merge":
-                recipe = sd_mecha.weighted_sum(model_a, _rebasin_node(model_b, model_a, opts), alpha=alpha)
+                recipe = sd_mecha.weighted_sum(
+                    model_a, _rebasin_node(model_b, model_a, opts), alpha=alpha_node
+                )
             else:
                 recipe = _rebasin_node(model_b, model_a, opts)
 
@@ -409,8 +416,8 @@ def run(
                     if mecha
                     else None,
                     params={
-                        "multiplier": None if mode == "align" else alpha,
-                        "alpha": None if mode == "align" else alpha,
+                        "multiplier": None if mode == "align" else alpha_shown,
+                        "alpha": None if mode == "align" else alpha_shown,
                         "iters": opts.iters,
                         "seed": opts.seed,
                         "sweeps": _sweeps(result),
@@ -443,7 +450,7 @@ def run(
         command=mode,
         output=output,
         config=config,
-        alpha=None if mode == "align" else alpha,
+        alpha=None if mode == "align" else alpha_shown,
         sweeps=_sweeps(result),
         converged=bool(result.converged) if result is not None else False,
         objective_start=float(first.objective) if first is not None else math.nan,
@@ -458,6 +465,17 @@ def run(
         left_out=left_out,
         perms=perms,
     )
+
+
+def _alpha(alpha: float | Alpha, config: str | None) -> tuple[Any, float | dict[str, float]]:
+    """`weighted_sum`'s alpha for `config` (a number or a per-key recipe node) and its summary
+    (the number, or block -> value)."""
+    if not isinstance(alpha, Alpha):
+        return alpha, alpha
+    try:
+        return alpha.node(config or ""), alpha.describe(config or "")
+    except ValueError as e:
+        raise UserError(str(e), exit_code=2) from e
 
 
 def _sweeps(result: Any) -> int:
@@ -487,7 +505,7 @@ def merge_files(
     a: str | os.PathLike,
     b: str | os.PathLike,
     output: str | os.PathLike,
-    alpha: float = 0.5,
+    alpha: float | Alpha = 0.5,
     options: RunOptions | None = None,
 ) -> RunResult:
     """Write `(1 - alpha) * A + alpha * pi(B)` to `output`, B aligned to A by weight matching.

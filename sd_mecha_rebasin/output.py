@@ -334,6 +334,8 @@ def build_metadata(
     if sha_b:
         models[sha_b] = _input_record(b, sha_b, legacy_b)
     alpha = params.get("alpha")
+    if isinstance(alpha, Mapping):  # per-block weights: sd_merge_recipe lists them
+        alpha = "alpha[block]"
     if mode == "merge":
         description = (
             f"Git Re-Basin merge by {PACKAGE} {pkg_version}: "
