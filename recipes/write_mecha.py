@@ -8,10 +8,12 @@ Loading a file needs `import sd_mecha_rebasin` first: it registers the `git_reba
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import add_difference_rebasin
 import align_many
+import block_weights_rebasin
 import rebasin_average
 import sd_mecha
 import ties_rebasin
@@ -24,6 +26,11 @@ RECIPES = {
     "ties_rebasin": (ties_rebasin.recipe, ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
     "add_difference_rebasin": (add_difference_rebasin.recipe, ["A.safetensors", "B.safetensors", "C.safetensors"]),
     "align_many": (align_many.recipe, ["ref.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
+    # SD1 (the placeholder files cannot be inspected): sd-mecha's sd1-supermerger_blocks conversion
+    "block_weights_rebasin": (
+        functools.partial(block_weights_rebasin.recipe, config="sd1-ldm"),
+        ["A.safetensors", "B.safetensors"],
+    ),
 }
 
 HEADER = "# needs `import sd_mecha_rebasin` before sd_mecha.deserialize: it registers the merge method git_rebasin"
@@ -33,7 +40,8 @@ def mecha_text(stem: str) -> str:
     """sd_mecha.serialize of the recipe, with comment lines after the version line."""
     fn, models = RECIPES[stem]
     version, *lines = sd_mecha.serialize(fn(*models), finalize=False).split("\n")
-    models_line = f"# models: {' '.join(models)} ({fn.__module__}.py)"
+    module = getattr(fn, "func", fn).__module__
+    models_line = f"# models: {' '.join(models)} ({module}.py)"
     # no newline at the end: sd-mecha 1.1.8 fails on an empty line
     return "\n".join([version, HEADER, models_line, *lines])
 

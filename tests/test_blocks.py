@@ -14,11 +14,15 @@ import sd_mecha
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support.layouts import arch_overrides
 from test_cli import assert_one_line_error, only_inputs_left, pair, run_cli  # noqa: F401  (fixtures)
-from test_merge_method import _one_torch_thread, quiet_tqdm, tiny  # noqa: F401  (fixtures)
+from test_merge_method import _one_torch_thread, assert_same, quiet_tqdm, tiny  # noqa: F401  (fixtures)
+from test_recipes import merge as recipes_merge
+from test_recipes import merge_mecha, models  # noqa: F401  (fixture)
 
 from sd_mecha_rebasin import rebasin
 from sd_mecha_rebasin.blocks import Alpha, block_names, parse_alpha, sd2_block_of
+from sd_mecha_rebasin.merge_method import arch_override
 
 UNET = "model.diffusion_model."
 
@@ -173,3 +177,26 @@ def test_cli_block_weights_end_to_end(tiny, tmp_path):  # noqa: F811
         meta = f.metadata()
     assert json.loads(meta["sd_merge_recipe"])["alpha"]["IN04"] == 1.0
     assert "convert_sd1_blocks_to_ldm" in meta["mecha_recipe"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe (recipes/block_weights_rebasin.py and its .mecha file)
+
+
+def test_block_weights_recipe_mecha_and_script(models, capsys):  # noqa: F811
+    import block_weights_rebasin
+
+    m = models("B", A=None, B=1)
+    per_key = parse_alpha(block_weights_rebasin.OUTER_TO_B).node("sd1-ldm")
+    expected = recipes_merge(sd_mecha.weighted_sum(m["A"], m["B"], alpha=per_key))
+    assert_same(merge_mecha("block_weights_rebasin"), expected)
+    with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
+        args = "A.safetensors B.safetensors out.safetensors --alpha IN04=1 --alpha-default 0.25 --dtype fp32"
+        block_weights_rebasin.main(args.split())
+    per_key = parse_alpha("IN04=1,default=0.25").node("sd1-ldm")
+    assert_same(
+        load_file("out.safetensors"), recipes_merge(sd_mecha.weighted_sum(m["A"], m["B"], alpha=per_key))
+    )
+    with pytest.raises(SystemExit):  # argparse's one-line error: 3 numbers for SD1's 26 blocks
+        block_weights_rebasin.main("A.safetensors B.safetensors out2.safetensors --alpha 0,1,0".split())
+    assert "SD1 block weights take 26" in capsys.readouterr().err
