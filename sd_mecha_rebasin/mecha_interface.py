@@ -41,6 +41,7 @@ from sd_mecha.extensions import model_configs as mecha_configs
 from torch import Tensor
 
 from .merge_method import rebasin as git_rebasin
+from .model_configs import sd1_or_sd2_from_shapes
 
 INTERFACE = "rebasin"
 """sd-mecha's interface identifier (`sd_mecha.rebasin`)."""
@@ -129,10 +130,20 @@ def _candidate_config(signature: inspect.Signature) -> str | None:
 
 def inferred_config(node: Any) -> str | None:
     """The model config sd-mecha infers for a recipe node (a model file, a merge node), or None
-    when it cannot tell (then dispatch keeps sd-mecha's order)."""
+    when it cannot tell (then dispatch keeps sd-mecha's order).
+
+    sd-mecha detects by key names only, so a file with only the keys sd1-ldm and sd2-ldm share (a
+    UNet-only SD1 file) is taken for sd2-ldm; the cross-attention width in the file's shapes
+    settles it (`sd1_or_sd2_from_shapes`), as the `sd-rebasin` command does.
+    """
     try:
         with sd_mecha.open_graph(node, root_only=True) as graph:
-            return graph.root_candidates().model_config.finalize().identifier
+            candidates = graph.root_candidates().model_config
+            config = candidates.finalize().identifier
+            if config in ("sd1-ldm", "sd2-ldm"):
+                shapes = {k: m.shape for k, m in candidates.possible_keys.items() if m.shape is not None}
+                config = sd1_or_sd2_from_shapes(shapes) or config
+            return config
     except Exception as e:  # noqa: BLE001  (any failure: fall back to sd-mecha's own order)
         logger.debug("rebasin dispatch: no model config inferred for %r: %s", node, e)
         return None

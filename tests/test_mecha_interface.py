@@ -15,6 +15,7 @@ import sd_mecha
 import torch
 from safetensors.torch import load_file
 from sd_mecha.extensions import merge_methods as mecha_methods
+from test_cli import config_shapes, sparse
 from test_merge_method import (  # noqa: F401  (fixtures)
     CONFIGS,
     _one_torch_thread,
@@ -73,6 +74,18 @@ def test_sd1_never_reaches_an_sdxl_implementation(tiny, config):  # noqa: F811  
     if config is None:
         plain = mecha_methods.MergeMethodInterface.dispatch(INTERFACE, a, a, 10)
         assert plain.merge_method.identifier == BUILTIN
+
+
+def test_a_unet_only_sd1_file_goes_to_sd1_not_sd2(tmp_path):
+    """By key names, a UNet-only SD1 file is as much sd2-ldm (sd-mecha picks it: ties go to the
+    identifier that sorts last); the cross-attention width (768, not 1024) says SD1. A header-only
+    file with the real SD1 UNet shapes: dispatch reads no tensor data."""
+    path = sparse(tmp_path / "unet.safetensors", config_shapes("sd1-ldm", ("diffuser",)))
+    unet = sd_mecha.model(path)
+    with sd_mecha.open_graph(unet, root_only=True) as graph:
+        assert graph.root_candidates().model_config.finalize().identifier == "sd2-ldm"
+    assert mecha_interface.inferred_config(unet) == "sd1-ldm"
+    assert sd_mecha.rebasin(unet, unet).merge_method.identifier == "git_rebasin_sd1_ldm"
 
 
 def test_sdxl_dispatches_to_ours_before_the_builtin_which_stays_callable(tiny):  # noqa: F811  (the imported fixture)
