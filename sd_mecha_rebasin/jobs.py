@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
 from .progress import Progress, capture_logging, warn
+from .repairs import repair_position_ids
 
 DEMO_LAYOUT_KEY = "sd_rebasin_layout"
 DEMO_LAYOUT = "demo-small-sd1"
@@ -187,6 +188,12 @@ def load_inputs(
         opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
     validate(a, opts.shapes)
     validate(b, opts.shapes)
+    for ckpt in (a, b):
+        if ckpt.extra_bytes and not opts.quiet:
+            warn(
+                f"{ckpt.name}: {ckpt.extra_bytes} byte(s) after or between its tensors belong to no tensor; "
+                "ignored (its header describes every tensor)"
+            )
     return a, b, opts
 
 
@@ -276,7 +283,8 @@ def assemble(
     EMA weights (cast to the output dtype; for an alignment permuted like the UNet weights they copy),
     scheduler buffers, v-prediction markers, integer buffers and keys the config does not know
     (stored dtype kept); so is a weight the other model lacks (cast to the output dtype). Keys only
-    in the other model are left out (returned as a count).
+    in the other model are left out (returned as a count). CLIP `position_ids` are always the exact
+    int64 0..76, added or replaced with a warning when the base model's are missing or broken.
     """
     base, other = (b, a) if mode == "align" else (a, b)
     config = base.config
@@ -307,6 +315,9 @@ def assemble(
         if weight and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         out[canon] = tensor
+    repaired = repair_position_ids(config, out)
+    if repaired and not opts.quiet:
+        warn(f"{base.name}: {'; '.join(repaired)}; the output holds the exact int64 position ids")
     base_keys = set(out)
     left_out = sum(1 for k in other.shapes if other.canonical.get(k, k) not in base_keys)
     return out, dict(kept), left_out
