@@ -78,7 +78,7 @@ class HeaderError(ValueError):
 
 
 def pickle_signature(head: bytes) -> str | None:
-    """"zip" or "pickle" when `head` (a file's first bytes) starts like a PyTorch checkpoint.
+    """ "zip" or "pickle" when `head` (a file's first bytes) starts like a PyTorch checkpoint.
 
     The full signatures only: the zip local-header magic `PK\\x03\\x04` (torch.save since 1.6), or
     the pickle PROTO opcode 0x80 followed by a protocol number 2 to 5 (legacy torch.save). Only
@@ -112,9 +112,7 @@ def _int(value: Any) -> int | None:
 def parse_header(raw: bytes, data_start: int, size: int) -> Header:
     """Check the N header bytes `raw` of a file of `size` bytes; HeaderError names the problem."""
     try:
-        obj = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
-        )
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except HeaderError:
         raise
     except UnicodeDecodeError:
@@ -191,7 +189,9 @@ def read_header(path: str | os.PathLike) -> Header:
         if n == 0 or n > size - 8 and n > MAX_HEADER_BYTES:
             raise HeaderError("not a safetensors file (no valid header)")
         if n > size - 8:
-            raise HeaderError(f"truncated safetensors file: its header needs {8 + n} bytes, the file has {size}")
+            raise HeaderError(
+                f"truncated safetensors file: its header needs {8 + n} bytes, the file has {size}"
+            )
         if n > MAX_HEADER_BYTES:
             raise HeaderError(
                 f"its safetensors header is {n} bytes long, over the format's limit of {MAX_HEADER_BYTES} "

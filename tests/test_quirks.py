@@ -12,12 +12,12 @@ import pathlib
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import quirks
+from support.quirks import SD1_CLIP, UNET
 
 from sd_mecha_rebasin.checkpoint import UserError, detect_family, open_checkpoint
 from sd_mecha_rebasin.cli import main
 from sd_mecha_rebasin.jobs import RunOptions, run
-from support import quirks
-from support.quirks import INPUT_CONV, SD1_CLIP, UNET
 
 POSITION_IDS = SD1_CLIP + "embeddings.position_ids"
 NEVER_PERMUTED = UNET + "out.2.bias"  # the UNet's output channels (latents) are never permuted
@@ -81,7 +81,9 @@ def test_every_header_length_modulo_256_opens_and_reads(tmp_path):
         path = quirks.save(tmp_path / f"h{n}.safetensors", tensors, header_length=n)
         assert path.read_bytes()[0] == n & 0xFF
         ckpt = open_checkpoint(path)
-        assert detect_family(ckpt) == "sd1-ldm" and ckpt.shapes == {k: tuple(v.shape) for k, v in tensors.items()}
+        assert detect_family(ckpt) == "sd1-ldm" and ckpt.shapes == {
+            k: tuple(v.shape) for k, v in tensors.items()
+        }
         assert_same(dict(ckpt.iter_tensors(list(tensors))), tensors)  # our reader
         assert_same(sd_mecha_read(path), tensors)  # sd-mecha's reader, which the merge uses
         assert_same(load_file(str(path)), tensors)  # the reference implementation
@@ -118,7 +120,9 @@ def test_pickles_are_recognised_by_their_full_signature(tmp_path, capsys):
         assert open_checkpoint(path).kind == "pickle"
         misnamed = path.with_name(path.stem + "_misnamed.safetensors")
         misnamed.write_bytes(path.read_bytes())
-        with pytest.raises(UserError, match="not a safetensors file: it is a PyTorch (zip|pickle) checkpoint"):
+        with pytest.raises(
+            UserError, match="not a safetensors file: it is a PyTorch (zip|pickle) checkpoint"
+        ):
             open_checkpoint(misnamed)
     # a safetensors file named .ckpt whose first bytes look like a pickle's (0x80, 0x02)
     minimum = len(quirks.header_json(tensors, None))
@@ -218,7 +222,15 @@ def test_position_ids_of_sdxl_clip_l(tmp_path):
 
 @pytest.mark.parametrize(
     "wrapping",
-    ["plain", "state_dict", "state_dict.state_dict", "model", "module", "module_prefix", "state_dict.module_prefix"],
+    [
+        "plain",
+        "state_dict",
+        "state_dict.state_dict",
+        "model",
+        "module",
+        "module_prefix",
+        "state_dict.module_prefix",
+    ],
 )
 def test_ckpt_containers_are_unwrapped(tmp_path, capsys, wrapping):
     tensors = quirks.fragment()

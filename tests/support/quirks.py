@@ -125,9 +125,7 @@ def with_input_channels(
 
 def cast_unet(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The UNet's floating-point weights cast to `dtype` (e.g. fp8), the rest as it is."""
-    return {
-        k: v.to(dtype) if k.startswith(UNET) and v.is_floating_point() else v for k, v in sd.items()
-    }
+    return {k: v.to(dtype) if k.startswith(UNET) and v.is_floating_point() else v for k, v in sd.items()}
 
 
 def save_ckpt(path: pathlib.Path, sd: Mapping[str, torch.Tensor], wrapping: str) -> pathlib.Path:
