@@ -34,6 +34,7 @@ import torch
 
 from . import safetensors_file
 from .safetensors_file import HeaderError, pickle_signature
+from .variants import same_but_input_channels, variant_shape_ok
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -45,6 +46,7 @@ MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.si
 """Flags and constants that describe how a model is sampled, not weights (SDXL v-prediction etc.)."""
 
 _KEPT_COMPONENTS = frozenset({"ema", "scheduler"})
+
 
 class UserError(Exception):
     """A problem the user can fix (bad input, bad option); printed as one line, no traceback."""
@@ -410,7 +412,8 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
     """Refuse a checkpoint whose permuted parts differ from its family's layout.
 
     `expected` is key -> shape of the family (default: the sd-mecha config's; tests pass the shapes
-    of tiny models). Keys under the UNet / text-encoder prefixes that the config does not know would
+    of tiny models). The first UNet convolution may have the input channels of an inpainting (9) or
+    instruct-pix2pix (8) model. Keys under the UNet / text-encoder prefixes that the config does not know would
     be left unpermuted in a permuted model, so they are refused as well.
     """
     assert ckpt.config is not None
@@ -432,7 +435,7 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
         if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
             continue
         want = tuple(expected[canon])
-        if shape != want:
+        if shape != want and not variant_shape_ok(canon, shape, want):  # inpainting, instruct-pix2pix
             hint = ""
             for (hkey, axis, value), text in _VARIANT_HINTS.items():
                 if canon == hkey and len(shape) > axis and shape[axis] == value:
@@ -444,7 +447,11 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
 
 
 def check_pair(a: Checkpoint, b: Checkpoint) -> None:
-    """Refuse two checkpoints that cannot be aligned: other families, other shapes, nothing shared."""
+    """Refuse two checkpoints that cannot be aligned: other families, other shapes, nothing shared.
+
+    Input-channel variants (inpainting, instruct-pix2pix) pass here; `variants.check_variant_pair`
+    decides which of their pairs merge.
+    """
     if a.config != b.config:
         raise UserError(
             f"is {b.family} ({b.config}) but {a.name} is {a.family} ({a.config}); both models must be of the same family",
@@ -453,7 +460,7 @@ def check_pair(a: Checkpoint, b: Checkpoint) -> None:
     a_shapes, b_shapes = a.canonical_shapes(), b.canonical_shapes()
     shared = [k for k in a_shapes if k in b_shapes and is_merged_key(a.config, k)]
     for key in shared:
-        if a_shapes[key] != b_shapes[key]:
+        if a_shapes[key] != b_shapes[key] and not same_but_input_channels(key, a_shapes[key], b_shapes[key]):
             raise UserError(
                 f"{key} has shape {_fmt(b_shapes[key])} but {a.name} has {_fmt(a_shapes[key])}", b.path
             )

@@ -42,6 +42,7 @@ from .checkpoint import (
 from .output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
 from .progress import Progress, capture_logging, warn
 from .repairs import repair_position_ids
+from .variants import check_variant_pair, fill_input_channels, input_channels, variant_of
 
 DEMO_LAYOUT_KEY = "sd_rebasin_layout"
 DEMO_LAYOUT = "demo-small-sd1"
@@ -169,9 +170,12 @@ def check_device(device: str) -> str:
 
 
 def load_inputs(
-    a_path: pathlib.Path, b_path: pathlib.Path, opts: RunOptions
+    a_path: pathlib.Path, b_path: pathlib.Path, opts: RunOptions, mode: str = "merge"
 ) -> tuple[Checkpoint, Checkpoint, RunOptions]:
     """Open, identify and validate both models from their headers (the NaN/Inf scan comes later).
+
+    `mode` ("merge", "average" or "align") decides which input-channel variants pair up (see
+    `variants.check_variant_pair`: a merge needs an inpainting/instruct-pix2pix model as A).
 
     When a file written by `sd-rebasin demo` (marked in its metadata) takes part, both are checked
     against the demo's small layout instead of the family's: a full-size model then fails validation.
@@ -188,6 +192,7 @@ def load_inputs(
         opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
     validate(a, opts.shapes)
     validate(b, opts.shapes)
+    check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
     for ckpt in (a, b):
         if ckpt.extra_bytes and not opts.quiet:
             warn(
@@ -347,7 +352,7 @@ def run(
     device = check_device(opts.device)
     opts = dataclasses.replace(opts, device=device)
     dtype = DTYPES[opts.output_dtype]
-    a, b, opts = load_inputs(a_path, b_path, opts)
+    a, b, opts = load_inputs(a_path, b_path, opts, mode)
     for ckpt in (a, b):
         if output.resolve() == ckpt.path.resolve():
             raise UserError(f"is an input ({'A' if ckpt is a else 'B'}); choose another output file", output)
@@ -371,10 +376,11 @@ def run(
             assert config is not None
             model_a = sd_mecha.model(str(a.path.resolve()), config)
             model_b = sd_mecha.model(str(b.path.resolve()), config)
-            if mode == "average":
-                recipe = sd_mecha.weighted_sum(model_a, model_b, alpha=alpha)
-            elif mode == "merge":
-                recipe = sd_mecha.weighted_sum(model_a, _rebasin_node(model_b, model_a, opts), alpha=alpha)
+            if mode in ("average", "merge"):
+                other = model_b if mode == "average" else _rebasin_node(model_b, model_a, opts)
+                if (input_channels(a.canonical_shapes()) or 0) > (input_channels(b.canonical_shapes()) or 0):
+                    other = fill_input_channels(other, model_a)  # A's extra input channels kept as they are
+                recipe = sd_mecha.weighted_sum(model_a, other, alpha=alpha)
             else:
                 recipe = _rebasin_node(model_b, model_a, opts)
 
@@ -549,6 +555,9 @@ def describe_checkpoint(
             "dtypes": dict(dtypes.most_common()),
             "parts": dict(parts.most_common()),
             "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
+            "variant": variant_of(ckpt.canonical_shapes()),
+            "input_channels": input_channels(ckpt.canonical_shapes()),
+            "extra_bytes": ckpt.extra_bytes,
             "modelspec": {
                 k: v
                 for k, v in ckpt.metadata.items()

@@ -7,13 +7,14 @@ asserts the values that come out: keys, dtypes, position ids, shapes and merged 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from support import quirks
-from support.quirks import SD1_CLIP, UNET
+from support.quirks import INPUT_CONV, SD1_CLIP, UNET
 
 from sd_mecha_rebasin.checkpoint import UserError, detect_family, open_checkpoint
 from sd_mecha_rebasin.cli import main
@@ -256,3 +257,269 @@ def test_ckpt_without_tensors_names_its_top_level(tmp_path, capsys, content, fou
     torch.save(content, path)
     rc, _, err = cli(capsys, "inspect", path)
     one_line_error(rc, err, "odd.ckpt: holds no tensors", found)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. fp8 weights: merged in fp32, written in --output-dtype
+
+
+def _spec(config: str, arch, shapes):
+    from sd_mecha_rebasin import permutation_spec
+
+    return permutation_spec(config, arch=arch, shapes=shapes)
+
+
+def _small_spec(shapes_changes: dict | None = None):
+    from sd_mecha_rebasin.demo import SMALL_ARCH, small_shapes
+
+    shapes = {**small_shapes(), **(shapes_changes or {})}
+    return _spec("sd1-ldm", SMALL_ARCH, shapes)
+
+
+@pytest.mark.parametrize(
+    "fp8_in, fp8, output_dtype",
+    [
+        ("A", torch.float8_e4m3fn, "fp16"),
+        ("B", torch.float8_e5m2, "bf16"),
+        ("AB", torch.float8_e4m3fn, "fp32"),
+    ],
+)
+def test_fp8_weights_merge_with_fp32_arithmetic(tmp_path, fp8_in, fp8, output_dtype):
+    from sd_mecha_rebasin.jobs import DTYPES
+    from sd_mecha_rebasin.spec import permute_tensor
+
+    sd_a, sd_b = quirks.small_pair()
+    if "A" in fp8_in:
+        sd_a = quirks.cast_unet(sd_a, fp8)
+    if "B" in fp8_in:
+        sd_b = quirks.cast_unet(sd_b, fp8)
+    a = quirks.save(tmp_path / "A.safetensors", sd_a)
+    b = quirks.save(tmp_path / "B.safetensors", sd_b)
+    result = run(
+        "merge",
+        a,
+        b,
+        tmp_path / "out.safetensors",
+        RunOptions(threads=2, iters=3, quiet=True, output_dtype=output_dtype),
+    )
+    merged = load_file(str(tmp_path / "out.safetensors"))
+    dtype = DTYPES[output_dtype]
+    spec = _small_spec()
+    assert result.permutations_changed > 100  # B is a permuted A: matching worked on fp8 values
+    for key in (
+        NEVER_PERMUTED,
+        UNET + "input_blocks.1.0.in_layers.2.weight",
+        UNET + "middle_block.1.proj_in.weight",
+    ):
+        assert merged[key].dtype == dtype, key
+        aligned_b = permute_tensor(spec, key, sd_b[key].float(), result.perms)
+        expected = torch.lerp(sd_a[key].float(), aligned_b, 0.5).to(dtype)  # fp32 arithmetic, then cast
+        assert torch.equal(merged[key], expected), key
+    unet_dtypes = {merged[k].dtype for k in merged if k.startswith(UNET)}
+    assert unet_dtypes == {dtype}
+    assert merged[POSITION_IDS].dtype == torch.int64
+
+
+def test_fp8_nan_is_named(tmp_path, capsys):
+    sd_a, sd_b = quirks.small_pair()
+    sd_b = quirks.cast_unet(sd_b, torch.float8_e4m3fn)
+    key = UNET + "out.2.weight"
+    bad = sd_b[key].float()
+    bad.view(-1)[3] = float("nan")
+    sd_b[key] = bad.to(torch.float8_e4m3fn)
+    a = quirks.save(tmp_path / "A.safetensors", sd_a)
+    b = quirks.save(tmp_path / "B.safetensors", sd_b)
+    rc, _, err = cli(capsys, "merge", a, b, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, "B.safetensors", key, "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.safetensors", "B.safetensors"]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Inpainting (9 input channels) and instruct-pix2pix (8) models
+
+
+def _variant_pair(channels_a: int, channels_b: int, tmp_path: pathlib.Path):
+    sd_a, sd_b = quirks.small_pair()
+    if channels_a != 4:
+        sd_a = quirks.with_input_channels(sd_a, channels_a, seed=0)
+    if channels_b != 4:
+        sd_b = quirks.with_input_channels(sd_b, channels_b, seed=1)
+    a = quirks.save(tmp_path / f"A{channels_a}.safetensors", sd_a)
+    b = quirks.save(tmp_path / f"B{channels_b}.safetensors", sd_b)
+    return a, b, sd_a, sd_b
+
+
+@pytest.mark.parametrize("channels_a, channels_b", [(9, 9), (8, 8), (9, 4)])
+def test_variant_merges_keep_the_extra_channels_of_a(tmp_path, channels_a, channels_b):
+    from sd_mecha_rebasin.spec import permute_tensor
+
+    a, b, sd_a, sd_b = _variant_pair(channels_a, channels_b, tmp_path)
+    alpha = 0.3
+    result = run(
+        "merge", a, b, tmp_path / "out.safetensors",
+        RunOptions(threads=2, iters=3, quiet=True, output_dtype="fp32"), alpha=alpha,
+    )  # fmt: skip
+    merged = load_file(str(tmp_path / "out.safetensors"))
+    conv_a, conv_b = sd_a[INPUT_CONV], sd_b[INPUT_CONV]
+    assert merged[INPUT_CONV].shape == conv_a.shape and merged[INPUT_CONV].dtype == torch.float32
+    spec = _small_spec({INPUT_CONV: tuple(conv_b.shape)})
+    aligned_b = permute_tensor(spec, INPUT_CONV, conv_b, result.perms)  # rows (output channels) only
+    n = conv_b.shape[1]  # the channels both have are merged ...
+    assert torch.equal(merged[INPUT_CONV][:, :n], torch.lerp(conv_a[:, :n], aligned_b, alpha))
+    assert torch.equal(merged[INPUT_CONV][:, n:], conv_a[:, n:])  # ... A's extra channels kept exactly
+    assert (merged[INPUT_CONV][:, :4] - conv_a[:, :4]).norm() < 0.05 * conv_a[:, :4].norm()  # B was aligned
+    assert result.permutations_changed > 100
+
+
+def test_variant_merge_through_the_cli_and_inspect(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    a, b, sd_a, _ = _variant_pair(9, 4, tmp_path)
+    rc, _, err = cli(capsys, "merge", a, b, "--threads", "2", "--iters", "2", "-q")
+    assert rc == 0, err
+    merged = load_file("merged.safetensors")
+    assert merged[INPUT_CONV].dtype == torch.float16 and merged[INPUT_CONV].shape == (32, 9, 3, 3)
+    assert torch.equal(merged[INPUT_CONV][:, 4:], sd_a[INPUT_CONV][:, 4:].half())
+    rc, out, err = cli(capsys, "inspect", a)
+    assert rc == 0 and "variant:     inpainting (9 UNet input channels)" in out, err
+    rc, out, _ = cli(capsys, "inspect", "merged.safetensors", "--json")
+    info = json.loads(out)
+    assert (info["variant"], info["input_channels"], info["problem"]) == ("inpainting", 9, None)
+
+
+@pytest.mark.parametrize(
+    "channels_a, channels_b, needles",
+    [
+        (4, 9, ("B9.safetensors: is an inpainting model", "put the inpainting model first")),
+        (4, 8, ("B8.safetensors: is an instruct-pix2pix model", "put the instruct-pix2pix model first")),
+        (9, 8, ("B8.safetensors: is an instruct-pix2pix model", "A9.safetensors is an inpainting model")),
+    ],
+)
+def test_variant_pairs_that_cannot_merge(tmp_path, capsys, channels_a, channels_b, needles):
+    a, b, _, _ = _variant_pair(channels_a, channels_b, tmp_path)
+    rc, _, err = cli(capsys, "merge", a, b, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, *needles)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_align_accepts_a_plain_reference_for_an_inpainting_model(tmp_path):
+    from sd_mecha_rebasin.spec import permute_tensor
+
+    a, b, _, sd_b = _variant_pair(4, 9, tmp_path)
+    result = run(
+        "align",
+        a,
+        b,
+        tmp_path / "out.safetensors",
+        RunOptions(threads=2, iters=3, quiet=True, output_dtype="fp32"),
+    )
+    aligned = load_file(str(tmp_path / "out.safetensors"))
+    spec = _small_spec({INPUT_CONV: (32, 9, 3, 3)})
+    assert aligned[INPUT_CONV].shape == (32, 9, 3, 3)
+    assert torch.equal(aligned[INPUT_CONV], permute_tensor(spec, INPUT_CONV, sd_b[INPUT_CONV], result.perms))
+    assert result.permutations_changed > 100
+
+
+def test_full_size_variant_layouts_pass_validation(tmp_path, capsys):
+    """Real SD1 shapes (sparse files, no data read): plain + inpainting is refused the right way
+    round, two inpainting models pass validation, inspect names the variant."""
+    from sd_mecha_rebasin.jobs import load_inputs
+
+    layout = {k: v for k, v in _config_shapes("sd1-ldm").items()}
+    plain = _sparse(tmp_path / "sd15.safetensors", layout)
+    inpaint = _sparse(tmp_path / "inpaint.safetensors", {**layout, INPUT_CONV: (320, 9, 3, 3)})
+    inpaint2 = _sparse(tmp_path / "inpaint2.safetensors", {**layout, INPUT_CONV: (320, 9, 3, 3)})
+    rc, _, err = cli(capsys, "merge", plain, inpaint, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, "inpaint.safetensors: is an inpainting model", "put the inpainting model first")
+    a, b, _ = load_inputs(inpaint, inpaint2, RunOptions())
+    assert a.shapes[INPUT_CONV] == b.shapes[INPUT_CONV] == (320, 9, 3, 3)
+    load_inputs(inpaint, plain, RunOptions())  # the inpainting model as A
+    rc, out, err = cli(capsys, "inspect", inpaint)
+    assert rc == 0 and "variant:     inpainting (9 UNet input channels)" in out, out + err
+    odd = _sparse(tmp_path / "odd.safetensors", {**layout, INPUT_CONV: (320, 5, 3, 3)})
+    rc, _, err = cli(capsys, "merge", odd, plain, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, "odd.safetensors", "[320, 5, 3, 3]", "expects [320, 4, 3, 3]")
+
+
+def _config_shapes(config: str) -> dict[str, tuple[int, ...]]:
+    from sd_mecha.extensions import model_configs
+
+    import sd_mecha_rebasin  # noqa: F401
+
+    components = model_configs.resolve(config).components()
+    return {
+        k: tuple(m.shape)
+        for name in ("clip_l", "diffuser")
+        for k, m in components[name].keys().items()
+        if m.dtype.is_floating_point
+    }
+
+
+def _sparse(path: pathlib.Path, layout: dict[str, tuple[int, ...]]) -> pathlib.Path:
+    """A safetensors file with the header of `layout` (fp16) over a sparse all-zero data section."""
+    header, offset = {}, 0
+    for key, shape in layout.items():
+        n = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_same_kind_inpainting_pairs_of_sd2_and_sdxl(tmp_path, family):
+    from support.layouts import arch_overrides, key_shapes, random_state_dict
+
+    from sd_mecha_rebasin.spec import permute_tensor
+
+    config = {"sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}[family]
+    shapes = key_shapes(family, "tiny")
+    arch = arch_overrides(family, "tiny")
+    sd_a = quirks.with_input_channels(random_state_dict(shapes, 0), 9, seed=0)
+    sd_b = quirks.with_input_channels(random_state_dict(shapes, 1), 9, seed=1)
+    a = quirks.save(tmp_path / "A.safetensors", sd_a, metadata=None)
+    b = quirks.save(tmp_path / "B.safetensors", sd_b, metadata=None)
+    result = run(
+        "merge", a, b, tmp_path / "out.safetensors",
+        RunOptions(threads=2, iters=2, quiet=True, output_dtype="fp32", shapes=shapes, arch=arch),
+    )  # fmt: skip
+    assert result.config == config
+    merged = load_file(str(tmp_path / "out.safetensors"))
+    spec = _spec(config, arch, {**shapes, INPUT_CONV: tuple(sd_b[INPUT_CONV].shape)})
+    aligned_b = permute_tensor(spec, INPUT_CONV, sd_b[INPUT_CONV], result.perms)
+    assert merged[INPUT_CONV].shape == sd_a[INPUT_CONV].shape
+    assert torch.equal(merged[INPUT_CONV], torch.lerp(sd_a[INPUT_CONV], aligned_b, 0.5))
+
+
+def test_python_recipe_merges_a_same_kind_inpainting_pair(tmp_path):
+    """`sd_mecha.weighted_sum(a, git_rebasin(b, a))` on two inpainting files, no CLI involved."""
+    import sd_mecha
+
+    import sd_mecha_rebasin
+    from sd_mecha_rebasin.demo import SMALL_ARCH
+    from sd_mecha_rebasin.merge_method import arch_override
+
+    a, b, sd_a, sd_b = _variant_pair(9, 9, tmp_path)
+    ma, mb = sd_mecha.model(str(a), "sd1-ldm"), sd_mecha.model(str(b), "sd1-ldm")
+    recipe = sd_mecha.weighted_sum(ma, sd_mecha_rebasin.rebasin(mb, ma, iters=3, threads=1), alpha=0.5)
+    with arch_override("sd1-ldm", SMALL_ARCH):
+        merged = sd_mecha.merge(
+            recipe, output_dtype=torch.float32, threads=1, tqdm=_no_bar, check_extra_keys=False
+        )
+    conv, conv_a, conv_b = merged[INPUT_CONV], sd_a[INPUT_CONV], sd_b[INPUT_CONV]
+    assert conv.shape == (32, 9, 3, 3)
+    assert (conv[:, :4] - conv_a[:, :4]).norm() < 0.05 * conv_a[:, :4].norm()  # B was aligned to A
+    # which row of B each merged row took (from the latent channels), then the extra channels of
+    # that same row: the whole convolution was permuted as one, extra channels included
+    rows_b = 2 * conv[:, :4] - conv_a[:, :4]
+    source = torch.cdist(rows_b.flatten(1), conv_b[:, :4].flatten(1)).argmin(dim=1)
+    assert sorted(source.tolist()) == list(range(32)) and source.tolist() != list(range(32))
+    assert torch.allclose(conv[:, 4:], torch.lerp(conv_a[:, 4:], conv_b[source, 4:], 0.5), atol=1e-6)
+
+
+def _no_bar(*args, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(*args, **kwargs, disable=True)
