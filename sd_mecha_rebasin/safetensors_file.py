@@ -127,8 +127,8 @@ def parse_header(raw: bytes, data_start: int, size: int) -> Header:
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise HeaderError(
-                f"corrupt safetensors header: __metadata__ value {key!r} is a {type(value).__name__}, "
-                "not a string"
+                f"corrupt safetensors header: __metadata__ value {key!r} is not a string "
+                f"({type(value).__name__})"
             )
     data_size = size - data_start
     tensors: dict[str, TensorEntry] = {}
