@@ -137,6 +137,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not os.access(path, os.R_OK):
         raise UserError("permission denied (not readable)", path)
     suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES and path.suffix != suffix:  # sd-mecha matches the suffix exactly
+        raise UserError(
+            f"sd-mecha reads only lower-case {suffix} files; rename it to {path.stem}{suffix}", path
+        )
     if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise UserError(
             f"unsupported file type {suffix or '(no extension)'!r}: expected .safetensors, .ckpt, .pt or .pth",
@@ -274,6 +278,11 @@ def _describe_top(obj: Any) -> str:
 
 def _open_pickle(path: pathlib.Path) -> Checkpoint:
     sd = load_pickle(path)
+    readable = set(safetensors_file.DTYPES.values())
+    odd = sorted(k for k, v in sd.items() if v.dtype not in readable)
+    if odd:
+        dtype = str(sd[odd[0]].dtype).removeprefix("torch.")
+        raise UserError(f"{odd[0]} has dtype {dtype}, which this tool does not read", path)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     dtypes = {k: v.dtype for k, v in sd.items()}
     return Checkpoint(path, "pickle", shapes, dtypes, {})
@@ -432,6 +441,8 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
         )
     for key, shape in ckpt.shapes.items():
         canon = ckpt.canonical[key]
+        if canon in config_keys and ckpt.dtypes[key] == torch.uint8:  # sd-mecha 1.1.8 cannot read U8
+            raise UserError(f"{key} has dtype uint8, which sd-mecha does not read", ckpt.path)
         if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
             continue
         want = tuple(expected[canon])

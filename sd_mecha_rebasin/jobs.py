@@ -387,7 +387,12 @@ def run(
             progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
             merged: dict[str, Any] = {}
             try:
-                with events.listening(progress), capture_logging(opts.quiet), _arch(config, opts.arch):
+                with (
+                    events.listening(progress),
+                    capture_logging(opts.quiet),
+                    _arch(config, opts.arch),
+                    _reading_inputs(),
+                ):
                     _in_background(
                         lambda: sd_mecha.merge(
                             recipe,
@@ -475,6 +480,18 @@ def run(
         left_out=left_out,
         perms=perms,
     )
+
+
+@contextlib.contextmanager
+def _reading_inputs() -> Any:
+    """Name an OSError raised while sd-mecha reads the inputs (a file removed, a disk error) as one."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else None
+        raise UserError(
+            f"cannot read {'an input file' if where is None else 'it'}: {e.strerror or e}", where
+        ) from None
 
 
 def _sweeps(result: Any) -> int:

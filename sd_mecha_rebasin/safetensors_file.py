@@ -39,10 +39,11 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-"""safetensors dtype name -> torch dtype, for the dtypes that sd-mecha 1.1.8 reads too (it has no
-U8), so a file accepted here never fails later inside sd-mecha's own reader."""
+"""safetensors dtype name -> torch dtype, for the dtypes this tool reads and writes. sd-mecha 1.1.8
+reads all but U8 (see `checkpoint.validate`, which refuses U8 where sd-mecha would read it)."""
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)

@@ -523,3 +523,52 @@ def _no_bar(*args, **kwargs):
     from tqdm import tqdm
 
     return tqdm(*args, **kwargs, disable=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Every error from reading a file is named for what it is (never "internal error")
+
+
+def test_upper_case_suffix_complex_pickles_and_uint8(tmp_path, capsys):
+    sd_a, sd_b = quirks.small_pair()
+    a = quirks.save(tmp_path / "A.safetensors", sd_a)
+    upper = quirks.save(tmp_path / "UP.SAFETENSORS", sd_b)
+    rc, _, err = cli(capsys, "merge", a, upper, "-o", tmp_path / "m.safetensors")
+    one_line_error(
+        rc, err, "UP.SAFETENSORS: sd-mecha reads only lower-case .safetensors files", "UP.safetensors"
+    )
+    odd = quirks.save_ckpt(
+        tmp_path / "C.ckpt", {**sd_b, NEVER_PERMUTED: sd_b[NEVER_PERMUTED].to(torch.complex64)}, "state_dict"
+    )
+    rc, _, err = cli(capsys, "merge", a, odd, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, f"C.ckpt: {NEVER_PERMUTED} has dtype complex64")
+    # uint8: kept as it is under a key sd-mecha does not know, refused where sd-mecha would read it
+    u8 = quirks.save(
+        tmp_path / "U8.safetensors", {**sd_a, "my_tool.mask": torch.arange(3, dtype=torch.uint8)}
+    )
+    merged = average(u8, a, tmp_path / "out.safetensors")
+    assert merged["my_tool.mask"].dtype == torch.uint8 and torch.equal(
+        merged["my_tool.mask"], torch.arange(3, dtype=torch.uint8)
+    )
+    bad = quirks.save(
+        tmp_path / "U8w.safetensors", {**sd_a, NEVER_PERMUTED: torch.zeros(4, dtype=torch.uint8)}
+    )
+    rc, _, err = cli(capsys, "merge", bad, a, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, f"U8w.safetensors: {NEVER_PERMUTED} has dtype uint8")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_read_error_during_the_merge_is_named(tmp_path, monkeypatch, capsys):
+    import sd_mecha
+
+    sd_a, sd_b = quirks.small_pair()
+    a = quirks.save(tmp_path / "A.safetensors", sd_a)
+    b = quirks.save(tmp_path / "B.safetensors", sd_b)
+
+    def vanished(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(b))
+
+    monkeypatch.setattr(sd_mecha, "merge", vanished)
+    rc, _, err = cli(capsys, "merge", a, b, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, f"{b}: cannot read it: No such file or directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.safetensors", "B.safetensors"]
