@@ -572,3 +572,24 @@ def test_a_read_error_during_the_merge_is_named(tmp_path, monkeypatch, capsys):
     rc, _, err = cli(capsys, "merge", a, b, "-o", tmp_path / "m.safetensors")
     one_line_error(rc, err, f"{b}: cannot read it: No such file or directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A.safetensors", "B.safetensors"]
+
+
+def test_python_recipe_merges_an_inpainting_a_with_a_plain_b(tmp_path):
+    """The README's recipe: `fill_input_channels` before the weighted sum, A's extra channels kept."""
+    import sd_mecha
+
+    import sd_mecha_rebasin
+    from sd_mecha_rebasin.demo import SMALL_ARCH
+    from sd_mecha_rebasin.merge_method import arch_override
+
+    a, b, sd_a, sd_b = _variant_pair(9, 4, tmp_path)
+    ma, mb = sd_mecha.model(str(a), "sd1-ldm"), sd_mecha.model(str(b), "sd1-ldm")
+    aligned = sd_mecha_rebasin.rebasin(mb, ma, iters=3, threads=1)
+    recipe = sd_mecha.weighted_sum(ma, sd_mecha_rebasin.fill_input_channels(aligned, ma), alpha=0.5)
+    with arch_override("sd1-ldm", SMALL_ARCH):
+        sd_mecha.merge(
+            recipe, output=tmp_path / "out.safetensors", output_dtype=torch.float32, threads=1, tqdm=_no_bar
+        )
+    conv, conv_a = load_file(str(tmp_path / "out.safetensors"))[INPUT_CONV], sd_a[INPUT_CONV]
+    assert conv.shape == (32, 9, 3, 3) and torch.equal(conv[:, 4:], conv_a[:, 4:])
+    assert (conv[:, :4] - conv_a[:, :4]).norm() < 0.05 * conv_a[:, :4].norm()  # B aligned, then merged
