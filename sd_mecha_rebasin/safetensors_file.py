@@ -123,7 +123,7 @@ def parse_header(raw: bytes, data_start: int, size: int) -> Header:
     if not isinstance(obj, dict):
         raise HeaderError("not a safetensors file (the header is not a JSON object)")
     metadata = obj.pop("__metadata__", {})
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, dict):  # null included: sd-mecha's reader fails on it
         raise HeaderError("corrupt safetensors header: __metadata__ is not a map of strings")
     for key, value in metadata.items():
         if not isinstance(value, str):

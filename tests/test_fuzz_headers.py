@@ -104,7 +104,7 @@ def _mutate(rng: random.Random) -> tuple[str, bytes, bytes | None, int | None]:
         raw = text.replace(piece, piece + "," + piece).encode()
     elif kind == "metadata":
         header["__metadata__"] = rng.choice(
-            [{"n": 1}, {"n": None}, {"n": ["x"]}, {"n": {"x": "y"}}, "text", [1, 2], 3.5]
+            [{"n": 1}, {"n": None}, {"n": ["x"]}, {"n": {"x": "y"}}, "text", [1, 2], 3.5, None]
         )
     elif kind == "entry-type":
         header[name] = rng.choice([[1, 2], "tensor", 3, None, True])
