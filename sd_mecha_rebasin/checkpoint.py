@@ -279,6 +279,12 @@ def _describe_top(obj: Any) -> str:
 def _open_pickle(path: pathlib.Path) -> Checkpoint:
     sd = load_pickle(path)
     readable = set(safetensors_file.DTYPES.values())
+    sparse = sorted(k for k, v in sd.items() if v.layout != torch.strided)
+    if sparse:
+        raise UserError(
+            f"{sparse[0]} is a {str(sd[sparse[0]].layout).removeprefix('torch.')} tensor, not a dense one",
+            path,
+        )
     odd = sorted(k for k, v in sd.items() if v.dtype not in readable)
     if odd:
         dtype = str(sd[odd[0]].dtype).removeprefix("torch.")

@@ -542,6 +542,11 @@ def test_upper_case_suffix_complex_pickles_and_uint8(tmp_path, capsys):
     )
     rc, _, err = cli(capsys, "merge", a, odd, "-o", tmp_path / "m.safetensors")
     one_line_error(rc, err, f"C.ckpt: {NEVER_PERMUTED} has dtype complex64")
+    sparse = quirks.save_ckpt(
+        tmp_path / "S.ckpt", {**sd_b, NEVER_PERMUTED: sd_b[NEVER_PERMUTED].to_sparse()}, "plain"
+    )
+    rc, _, err = cli(capsys, "merge", a, sparse, "-o", tmp_path / "m.safetensors")
+    one_line_error(rc, err, f"S.ckpt: {NEVER_PERMUTED} is a sparse_coo tensor, not a dense one")
     # uint8: kept as it is under a key sd-mecha does not know, refused where sd-mecha would read it
     u8 = quirks.save(
         tmp_path / "U8.safetensors", {**sd_a, "my_tool.mask": torch.arange(3, dtype=torch.uint8)}
