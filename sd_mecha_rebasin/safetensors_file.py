@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 from collections.abc import Iterable, Iterator
@@ -97,13 +96,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise HeaderError(f"corrupt safetensors header: the name {key!r} appears twice")
+            raise HeaderError(f"corrupt safetensors header: the name {shown(key)} appears twice")
         out[key] = value
     return out
 
 
 def _no_constant(name: str) -> Any:
     raise HeaderError(f"corrupt safetensors header: JSON constant {name} is not allowed")
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A tensor or metadata name as messages show it: quoted, escaped (one line), at most `limit` chars."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
 def _int(value: Any) -> int | None:
@@ -128,7 +132,7 @@ def parse_header(raw: bytes, data_start: int, size: int) -> Header:
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise HeaderError(
-                f"corrupt safetensors header: __metadata__ value {key!r} is not a string "
+                f"corrupt safetensors header: __metadata__ value {shown(key)} is not a string "
                 f"({type(value).__name__})"
             )
     data_size = size - data_start
@@ -140,7 +144,7 @@ def parse_header(raw: bytes, data_start: int, size: int) -> Header:
     for begin, end, key in ranges:
         if begin < last_end:
             raise HeaderError(
-                f"corrupt safetensors header: the data of {key} overlaps the data of {previous}"
+                f"corrupt safetensors header: the data of {shown(key)} overlaps the data of {shown(previous)}"
             )
         covered += end - begin
         last_end, previous = end, key
@@ -149,7 +153,7 @@ def parse_header(raw: bytes, data_start: int, size: int) -> Header:
 
 def _entry(key: str, info: Any, data_size: int) -> TensorEntry:
     def bad(problem: str) -> HeaderError:
-        return HeaderError(f"corrupt safetensors header: {key} {problem}")
+        return HeaderError(f"corrupt safetensors header: {shown(key)} {problem}")
 
     if not isinstance(info, dict):
         raise bad(f"is a {type(info).__name__}, not a tensor entry")
@@ -157,21 +161,26 @@ def _entry(key: str, info: Any, data_size: int) -> TensorEntry:
     if not isinstance(dtype_name, str):
         raise bad("has no dtype")
     if dtype_name not in DTYPES:
-        raise HeaderError(f"{key} has dtype {dtype_name[:20]}, which this tool does not read")
+        raise HeaderError(f"{shown(key)} has dtype {shown(dtype_name, 20)}, which this tool does not read")
     if not isinstance(shape, list) or any(_int(d) is None or d < 0 for d in shape):
         raise bad(f"has shape {json.dumps(shape)[:60]}, not a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or any(_int(x) is None for x in offsets):
         raise bad("has no valid data_offsets (two integers)")
     begin, end = offsets
     dtype = DTYPES[dtype_name]
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel > data_size:  # larger than the file whatever follows: stop before the number grows
+            break
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if not 0 <= begin <= end:
         raise bad(f"has data_offsets [{begin}, {end}] (start after end, or negative)")
     if end - begin != nbytes:
         raise bad(f"has data_offsets [{begin}, {end}] ({end - begin} bytes) for {nbytes} bytes of data")
     if end > data_size:
         raise HeaderError(
-            f"truncated safetensors file: {key} ends at byte {end} of a data section of {data_size} bytes"
+            f"truncated safetensors file: {shown(key)} ends at byte {end} of a data section of {data_size} bytes"
         )
     return TensorEntry(dtype, tuple(shape), begin, end)
 

@@ -65,11 +65,17 @@ def same_but_input_channels(key: str, a: Sequence[int], b: Sequence[int]) -> boo
 
 
 def check_variant_pair(
-    a_name: str, a_shapes: Mapping[str, Sequence[int]], b_path: "str | os.PathLike", b_shapes, mode: str
+    a_name: str,
+    a_shapes: Mapping[str, Sequence[int]],
+    b_path: str | os.PathLike,
+    b_shapes: Mapping[str, Sequence[int]],
+    mode: str,
 ) -> None:
-    """Refuse a merge of a plain A with a variant B, or of two different variants (UserError on B).
+    """Refuse a merge of a plain A with a variant B, or of two different variants.
 
-    `mode` "align" accepts every pair (the output keeps B's own layout)."""
+    `a_shapes` / `b_shapes`: key -> shape (config key names). `mode` "merge" or "average" checks;
+    "align" accepts every pair (the output keeps B's own layout). Raises UserError naming B's file.
+    """
     from .checkpoint import UserError
 
     ca, cb = input_channels(a_shapes), input_channels(b_shapes)

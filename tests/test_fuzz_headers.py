@@ -62,7 +62,7 @@ def _mutate(rng: random.Random) -> tuple[str, bytes, bytes | None, int | None]:
         [
             "random-bytes", "flipped-bytes", "truncated-json", "declared-length", "offsets", "shape",
             "dtype", "duplicate", "metadata", "entry-type", "deep-nesting", "constants", "top-level",
-            "reordered", "data-size",
+            "reordered", "data-size", "odd-name", "huge-ndim",
         ]
     )  # fmt: skip
     raw, data, declared = None, None, None
@@ -119,6 +119,11 @@ def _mutate(rng: random.Random) -> tuple[str, bytes, bytes | None, int | None]:
         raw = rng.choice([b"[]", b'"text"', b"42", b"null", b"true"])
     elif kind == "reordered":  # valid: JSON order need not follow data order
         raw = _dump({"__metadata__": header.pop("__metadata__"), **dict(reversed(list(header.items())))})
+    elif kind == "odd-name":  # a long name with a line break, on a bad entry: the message stays one line
+        odd = "x\n" * rng.randrange(1, 5000)
+        header[odd] = {**header.pop(name), "dtype": "C64"}
+    elif kind == "huge-ndim":  # the element count must not be computed as one huge number
+        entry["shape"] = [2**40] * rng.randrange(10000, 60000)
     elif kind == "data-size":
         full = _data()
         data = rng.choice([full[: rng.randrange(len(full))], full + rng.randbytes(rng.randrange(1, 100))])
@@ -162,7 +167,7 @@ def test_seeded_fuzz_of_the_header_reader(tmp_path):
         path.unlink()
     # every kind of damage was tried and refused; the valid kinds were accepted
     for kind in ("random-bytes", "declared-length", "offsets", "shape", "dtype", "duplicate", "metadata",
-                 "entry-type", "deep-nesting", "constants", "top-level"):  # fmt: skip
+                 "entry-type", "deep-nesting", "constants", "top-level", "odd-name", "huge-ndim"):  # fmt: skip
         assert refused.get(kind, 0) >= 5 and kind not in accepted, (kind, refused, accepted)
     assert accepted.get("reordered", 0) >= 5 and "reordered" not in refused
     assert sum(refused.values()) + sum(accepted.values()) == 400
@@ -218,8 +223,8 @@ def test_declared_lengths_never_allocate_more_than_the_file_holds(tmp_path, decl
         ("overlap", b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', "overlaps the data of"),
         ("metadata", b'{"__metadata__":{"steps":1000},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', "__metadata__ value 'steps' is not a string (int)"),
         ("shape", b'{"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}', "not a list of non-negative integers"),
-        ("dtype", b'{"x":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}', "x has dtype C64"),
-        ("past-end", b'{"x":{"dtype":"F32","shape":[20],"data_offsets":[0,80]}}', "truncated safetensors file: x ends at byte 80"),
+        ("dtype", b'{"x":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}', "'x' has dtype 'C64'"),
+        ("past-end", b'{"x":{"dtype":"F32","shape":[20],"data_offsets":[0,80]}}', "truncated safetensors file: 'x' ends at byte 80"),
     ],
 )  # fmt: skip
 def test_bad_headers_through_the_cli_are_one_line(tmp_path, monkeypatch, capsys, name, raw, needle):
