@@ -11,6 +11,7 @@ from .matching import MatchResult, SweepStats, weight_matching
 from .merge_method import rebasin
 from .model_configs import register_model_configs
 from .spec import Permutations, PermutationSpec, apply_permutation, random_permutation
+from .variants import fill_input_channels
 
 register_model_configs()
 
@@ -22,6 +23,7 @@ __all__ = [
     "Permutations",
     "SweepStats",
     "apply_permutation",
+    "fill_input_channels",
     "permutation_spec",
     "random_permutation",
     "rebasin",

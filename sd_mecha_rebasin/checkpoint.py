@@ -21,18 +21,20 @@ when the file is in the zip format) and handed to sd-mecha through a model forma
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import pickle
 import re
-import struct
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from . import safetensors_file
+from .safetensors_file import HeaderError, pickle_signature
+from .variants import same_but_input_channels, variant_shape_ok
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -44,24 +46,6 @@ MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.si
 """Flags and constants that describe how a model is sampled, not weights (SDXL v-prediction etc.)."""
 
 _KEPT_COMPONENTS = frozenset({"ema", "scheduler"})
-
-_MAX_HEADER = 100 * 1024 * 1024
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
 
 
 class UserError(Exception):
@@ -93,6 +77,13 @@ class Checkpoint:
     """sd-mecha config identifier of the detected family."""
     canonical: dict[str, str] = dataclasses.field(default_factory=dict)
     """File key -> the config's key name (aliases resolved); keys the config lacks map to themselves."""
+    header: safetensors_file.Header | None = None
+    """The checked safetensors header (None for pickles)."""
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of a safetensors file that belong to no tensor (ignored; the caller warns)."""
+        return self.header.extra_bytes if self.header is not None else 0
 
     @property
     def name(self) -> str:
@@ -111,11 +102,11 @@ class Checkpoint:
             for key in keys:
                 yield key, sd[key]
             return
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as f:
-            for key in keys:
-                yield key, f.get_tensor(key)
+        assert self.header is not None
+        try:
+            yield from safetensors_file.read_tensors(self.path, self.header, keys)
+        except OSError as e:
+            raise UserError(f"cannot read: {e.strerror or e}", self.path) from None
 
     def parameters(self) -> int:
         total = 0
@@ -132,7 +123,12 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint's header (safetensors) or load it (pickle); raise UserError if unreadable."""
+    """Read a checkpoint's header (safetensors) or load it (pickle); raise UserError if unreadable.
+
+    The type comes from the suffix and is confirmed from the content: a file is first parsed as
+    safetensors (whatever its first bytes: they are a length), and only when that fails is it
+    recognised as a PyTorch checkpoint by its full signature (`safetensors_file.pickle_signature`).
+    """
     path = pathlib.Path(path)
     if not path.exists():
         raise UserError("no such file", path)
@@ -141,23 +137,37 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not os.access(path, os.R_OK):
         raise UserError("permission denied (not readable)", path)
     suffix = path.suffix.lower()
-    head = _read_head(path)
+    if suffix in SAFETENSORS_SUFFIXES and path.suffix != suffix:  # sd-mecha matches the suffix exactly
+        raise UserError(
+            f"sd-mecha reads only lower-case {suffix} files; rename it to {path.stem}{suffix}", path
+        )
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise UserError(
+            f"unsupported file type {suffix or '(no extension)'!r}: expected .safetensors, .ckpt, .pt or .pth",
+            path,
+        )
+    try:
+        header: safetensors_file.Header | HeaderError = safetensors_file.read_header(path)
+        head = _read_head(path)
+    except HeaderError as e:
+        header = e
+        head = _read_head(path)
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror or e}", path) from None
     if suffix in SAFETENSORS_SUFFIXES:
-        if _looks_like_pickle(head):
-            raise UserError(
-                "not a safetensors file: it is a PyTorch pickle (zip) checkpoint; rename it to .ckpt", path
-            )
-        return _open_safetensors(path)
-    if suffix in PICKLE_SUFFIXES:
-        if not _looks_like_pickle(head):
-            if _safetensors_header(path, quiet=True) is not None:
-                raise UserError(f"is a safetensors file named {suffix}; rename it to .safetensors", path)
-            raise UserError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", path)
-        return _open_pickle(path)
-    raise UserError(
-        f"unsupported file type {suffix or '(no extension)'!r}: expected .safetensors, .ckpt, .pt or .pth",
-        path,
-    )
+        if isinstance(header, HeaderError):
+            kind = pickle_signature(head)
+            if kind is not None:
+                raise UserError(
+                    f"not a safetensors file: it is a PyTorch {kind} checkpoint; rename it to .ckpt", path
+                )
+            raise UserError(str(header), path)
+        return _open_safetensors(path, header)
+    if not isinstance(header, HeaderError):
+        raise UserError(f"is a safetensors file named {suffix}; rename it to .safetensors", path)
+    if pickle_signature(head) is None:
+        raise UserError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", path)
+    return _open_pickle(path)
 
 
 def _read_head(path: pathlib.Path) -> bytes:
@@ -168,70 +178,12 @@ def _read_head(path: pathlib.Path) -> bytes:
         raise UserError(f"cannot read: {e.strerror or e}", path) from None
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
-
-def _safetensors_header(path: pathlib.Path, quiet: bool = False) -> tuple[dict, int, int] | None:
-    """(header, data start, file size), or None / UserError when the file is not valid safetensors."""
-
-    def bad(problem: str):
-        if quiet:
-            return None
-        raise UserError(problem, path)
-
-    size = path.stat().st_size
-    if size < 8:
-        return bad(f"not a safetensors file ({size} bytes, too short for a header)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n == 0 or n > _MAX_HEADER:
-            return bad("not a safetensors file (no valid header)")
-        if 8 + n > size:
-            return bad(f"truncated safetensors file: its header needs {8 + n} bytes, the file has {size}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return bad("not a safetensors file (the header is not JSON)")
-    if not isinstance(header, dict):
-        return bad("not a safetensors file (the header is not a JSON object)")
-    return header, 8 + n, size
-
-
-def _open_safetensors(path: pathlib.Path) -> Checkpoint:
-    header, data_start, size = _safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        metadata = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    end = 0
-    for key, info in header.items():
-        try:
-            dtype_name = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, stop = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"corrupt safetensors header (entry {key!r})", path) from None
-        if dtype_name not in _DTYPES:
-            raise UserError(f"{key} has dtype {dtype_name}, which this tool does not read", path)
-        dtype = _DTYPES[dtype_name]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if stop - begin != numel * torch.empty((), dtype=dtype).element_size() or begin < 0:
-            raise UserError(f"corrupt safetensors header: {key} has inconsistent byte offsets", path)
-        shapes[key], dtypes[key] = shape, dtype
-        end = max(end, stop)
-    if data_start + end > size:
-        raise UserError(
-            f"truncated safetensors file: its tensors need {data_start + end} bytes, the file has {size}",
-            path,
-        )
-    if not shapes:
+def _open_safetensors(path: pathlib.Path, header: safetensors_file.Header) -> Checkpoint:
+    if not header.tensors:
         raise UserError("holds no tensors", path)
-    return Checkpoint(path, "safetensors", shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+    shapes = {k: e.shape for k, e in header.tensors.items()}
+    dtypes = {k: e.dtype for k, e in header.tensors.items()}
+    return Checkpoint(path, "safetensors", shapes, dtypes, dict(header.metadata), header=header)
 
 
 _pickle_cache: dict[pathlib.Path, dict[str, torch.Tensor]] = {}
@@ -239,7 +191,7 @@ _pickle_lock = threading.Lock()
 
 
 def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .ckpt/.pt file (a `state_dict` wrapper unwrapped), loaded once and cached."""
+    """The tensors of a .ckpt/.pt file (containers unwrapped, see `_unwrap`), loaded once and cached."""
     path = pathlib.Path(path)
     resolved = path.resolve()
     with _pickle_lock:
@@ -267,7 +219,11 @@ def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             ) from None
         sd = _unwrap(obj)
         if sd is None:
-            raise UserError("holds no tensors (not a model checkpoint)", path)
+            raise UserError(
+                f"holds no tensors: its top level is {_describe_top(obj)} "
+                f"(no tensors under {', '.join(CONTAINER_KEYS)})",
+                path,
+            )
         _pickle_cache[resolved] = sd
         return sd
 
@@ -284,17 +240,55 @@ def _first_line(text: str) -> str:
     return line[:200]
 
 
-def _unwrap(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+"""Keys under which training scripts nest the tensors (Lightning, plain PyTorch, DataParallel)."""
+
+_MAX_NESTING = 4
+
+
+def _unwrap(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None:
+    """The tensors of a loaded checkpoint: containers (`CONTAINER_KEYS`, nested) unwrapped and a
+    `module.` prefix on every key (DataParallel) removed; None when there are none."""
     if not isinstance(obj, Mapping):
         return None
+    if depth < _MAX_NESTING:
+        for name in CONTAINER_KEYS:
+            inner = obj.get(name)
+            if isinstance(inner, Mapping):
+                sd = _unwrap(inner, depth + 1)
+                if sd:
+                    return sd
     sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd or None
+
+
+def _describe_top(obj: Any) -> str:
+    """What a checkpoint without tensors holds at its top level, for the refusal."""
+    if isinstance(obj, Mapping):
+        if not obj:
+            return "an empty dict"
+        names = sorted(str(k) for k in obj)
+        shown = ", ".join(repr(n[:40]) for n in names[:6])
+        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        return f"a dict with keys {shown}{more}"
+    return f"a {type(obj).__name__}"
 
 
 def _open_pickle(path: pathlib.Path) -> Checkpoint:
     sd = load_pickle(path)
+    readable = set(safetensors_file.DTYPES.values())
+    sparse = sorted(k for k, v in sd.items() if v.layout != torch.strided)
+    if sparse:
+        raise UserError(
+            f"{sparse[0]} is a {str(sd[sparse[0]].layout).removeprefix('torch.')} tensor, not a dense one",
+            path,
+        )
+    odd = sorted(k for k, v in sd.items() if v.dtype not in readable)
+    if odd:
+        dtype = str(sd[odd[0]].dtype).removeprefix("torch.")
+        raise UserError(f"{odd[0]} has dtype {dtype}, which this tool does not read", path)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     dtypes = {k: v.dtype for k, v in sd.items()}
     return Checkpoint(path, "pickle", shapes, dtypes, {})
@@ -433,7 +427,8 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
     """Refuse a checkpoint whose permuted parts differ from its family's layout.
 
     `expected` is key -> shape of the family (default: the sd-mecha config's; tests pass the shapes
-    of tiny models). Keys under the UNet / text-encoder prefixes that the config does not know would
+    of tiny models). The first UNet convolution may have the input channels of an inpainting (9) or
+    instruct-pix2pix (8) model. Keys under the UNet / text-encoder prefixes that the config does not know would
     be left unpermuted in a permuted model, so they are refused as well.
     """
     assert ckpt.config is not None
@@ -452,10 +447,12 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
         )
     for key, shape in ckpt.shapes.items():
         canon = ckpt.canonical[key]
+        if canon in config_keys and ckpt.dtypes[key] == torch.uint8:  # sd-mecha 1.1.8 cannot read U8
+            raise UserError(f"{key} has dtype uint8, which sd-mecha does not read", ckpt.path)
         if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
             continue
         want = tuple(expected[canon])
-        if shape != want:
+        if shape != want and not variant_shape_ok(canon, shape, want):  # inpainting, instruct-pix2pix
             hint = ""
             for (hkey, axis, value), text in _VARIANT_HINTS.items():
                 if canon == hkey and len(shape) > axis and shape[axis] == value:
@@ -467,7 +464,11 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
 
 
 def check_pair(a: Checkpoint, b: Checkpoint) -> None:
-    """Refuse two checkpoints that cannot be aligned: other families, other shapes, nothing shared."""
+    """Refuse two checkpoints that cannot be aligned: other families, other shapes, nothing shared.
+
+    Input-channel variants (inpainting, instruct-pix2pix) pass here; `variants.check_variant_pair`
+    decides which of their pairs merge.
+    """
     if a.config != b.config:
         raise UserError(
             f"is {b.family} ({b.config}) but {a.name} is {a.family} ({a.config}); both models must be of the same family",
@@ -476,7 +477,7 @@ def check_pair(a: Checkpoint, b: Checkpoint) -> None:
     a_shapes, b_shapes = a.canonical_shapes(), b.canonical_shapes()
     shared = [k for k in a_shapes if k in b_shapes and is_merged_key(a.config, k)]
     for key in shared:
-        if a_shapes[key] != b_shapes[key]:
+        if a_shapes[key] != b_shapes[key] and not same_but_input_channels(key, a_shapes[key], b_shapes[key]):
             raise UserError(
                 f"{key} has shape {_fmt(b_shapes[key])} but {a.name} has {_fmt(a_shapes[key])}", b.path
             )
@@ -500,6 +501,8 @@ def check_finite(ckpt: Checkpoint, keys: Iterable[str] | None = None, threads: i
     def scan(chunk: list[str]) -> list[tuple[str, str]]:
         bad = []
         for key, t in ckpt.iter_tensors(chunk):
+            if t.element_size() == 1:  # fp8: torch has no isfinite for it; every value fits fp16
+                t = t.to(torch.float16)
             acc = torch.float64 if t.dtype == torch.float64 else torch.float32
             if t.numel() and not bool(torch.isfinite(t.sum(dtype=acc))):
                 if not bool(torch.isfinite(t).all()):

@@ -252,6 +252,10 @@ def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
     click.echo("parts:       " + ", ".join(f"{k} ({n})" for k, n in info["parts"].items()))
     if info["markers"]:
         click.echo("markers:     " + ", ".join(info["markers"]))
+    if info["variant"] is not None:
+        click.echo(f"variant:     {info['variant']} ({info['input_channels']} UNet input channels)")
+    if info["extra_bytes"]:
+        click.echo(f"extra bytes: {info['extra_bytes']} (belong to no tensor; ignored)")
     for key, value in info["modelspec"].items():
         click.echo(f"{key}: {value}")
     if info["problem"] is not None:

@@ -42,6 +42,8 @@ from .checkpoint import (
 )
 from .output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
 from .progress import Progress, capture_logging, warn
+from .repairs import repair_position_ids
+from .variants import check_variant_pair, fill_input_channels, input_channels, variant_of
 
 DEMO_LAYOUT_KEY = "sd_rebasin_layout"
 DEMO_LAYOUT = "demo-small-sd1"
@@ -170,9 +172,12 @@ def check_device(device: str) -> str:
 
 
 def load_inputs(
-    a_path: pathlib.Path, b_path: pathlib.Path, opts: RunOptions
+    a_path: pathlib.Path, b_path: pathlib.Path, opts: RunOptions, mode: str = "merge"
 ) -> tuple[Checkpoint, Checkpoint, RunOptions]:
     """Open, identify and validate both models from their headers (the NaN/Inf scan comes later).
+
+    `mode` ("merge", "average" or "align") decides which input-channel variants pair up (see
+    `variants.check_variant_pair`: a merge needs an inpainting/instruct-pix2pix model as A).
 
     When a file written by `sd-rebasin demo` (marked in its metadata) takes part, both are checked
     against the demo's small layout instead of the family's: a full-size model then fails validation.
@@ -189,6 +194,13 @@ def load_inputs(
         opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
     validate(a, opts.shapes)
     validate(b, opts.shapes)
+    check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
+    for ckpt in (a, b):
+        if ckpt.extra_bytes and not opts.quiet:
+            warn(
+                f"{ckpt.name}: {ckpt.extra_bytes} byte(s) after or between its tensors belong to no tensor; "
+                "ignored (its header describes every tensor)"
+            )
     return a, b, opts
 
 
@@ -278,7 +290,8 @@ def assemble(
     EMA weights (cast to the output dtype; for an alignment permuted like the UNet weights they copy),
     scheduler buffers, v-prediction markers, integer buffers and keys the config does not know
     (stored dtype kept); so is a weight the other model lacks (cast to the output dtype). Keys only
-    in the other model are left out (returned as a count).
+    in the other model are left out (returned as a count). CLIP `position_ids` are always the exact
+    int64 0..76, added or replaced with a warning when the base model's are missing or broken.
     """
     base, other = (b, a) if mode == "align" else (a, b)
     config = base.config
@@ -309,6 +322,9 @@ def assemble(
         if weight and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         out[canon] = tensor
+    repaired = repair_position_ids(config, out)
+    if repaired and not opts.quiet:
+        warn(f"{base.name}: {'; '.join(repaired)}; the output holds the exact int64 position ids")
     base_keys = set(out)
     left_out = sum(1 for k in other.shapes if other.canonical.get(k, k) not in base_keys)
     return out, dict(kept), left_out
@@ -340,7 +356,7 @@ def run(
     device = check_device(opts.device)
     opts = dataclasses.replace(opts, device=device)
     dtype = DTYPES[opts.output_dtype]
-    a, b, opts = load_inputs(a_path, b_path, opts)
+    a, b, opts = load_inputs(a_path, b_path, opts, mode)
     alpha_node, alpha_shown = _alpha(alpha, a.config)
     for ckpt in (a, b):
         if output.resolve() == ckpt.path.resolve():
@@ -365,19 +381,23 @@ def run(
             assert config is not None
             model_a = sd_mecha.model(str(a.path.resolve()), config)
             model_b = sd_mecha.model(str(b.path.resolve()), config)
-            if mode == "average":
-                recipe = sd_mecha.weighted_sum(model_a, model_b, alpha=alpha_node)
-            elif mode == "merge":
-                recipe = sd_mecha.weighted_sum(
-                    model_a, _rebasin_node(model_b, model_a, opts), alpha=alpha_node
-                )
+            if mode in ("average", "merge"):
+                other = model_b if mode == "average" else _rebasin_node(model_b, model_a, opts)
+                if (input_channels(a.canonical_shapes()) or 0) > (input_channels(b.canonical_shapes()) or 0):
+                    other = fill_input_channels(other, model_a)  # A's extra input channels kept as they are
+                recipe = sd_mecha.weighted_sum(model_a, other, alpha=alpha_node)
             else:
                 recipe = _rebasin_node(model_b, model_a, opts)
 
             progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
             merged: dict[str, Any] = {}
             try:
-                with events.listening(progress), capture_logging(opts.quiet), _arch(config, opts.arch):
+                with (
+                    events.listening(progress),
+                    capture_logging(opts.quiet),
+                    _arch(config, opts.arch),
+                    _reading_inputs(),
+                ):
                     _in_background(
                         lambda: sd_mecha.merge(
                             recipe,
@@ -478,6 +498,18 @@ def _alpha(alpha: float | Alpha, config: str | None) -> tuple[Any, float | dict[
         raise UserError(str(e), exit_code=2) from e
 
 
+@contextlib.contextmanager
+def _reading_inputs() -> Any:
+    """Name an OSError raised while sd-mecha reads the inputs (a file removed, a disk error) as one."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else None
+        raise UserError(
+            f"cannot read {'an input file' if where is None else 'it'}: {e.strerror or e}", where
+        ) from None
+
+
 def _sweeps(result: Any) -> int:
     return max(0, len(result.history) - 1) if result is not None else 0
 
@@ -556,6 +588,9 @@ def describe_checkpoint(
             "dtypes": dict(dtypes.most_common()),
             "parts": dict(parts.most_common()),
             "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
+            "variant": variant_of(ckpt.canonical_shapes()),
+            "input_channels": input_channels(ckpt.canonical_shapes()),
+            "extra_bytes": ckpt.extra_bytes,
             "modelspec": {
                 k: v
                 for k, v in ckpt.metadata.items()

@@ -42,6 +42,7 @@ from .architectures import config_shapes, permutation_spec
 from .matching import PRECISIONS, MatchResult, SweepStats, default_threads, weight_matching
 from .memory import return_freed_memory
 from .spec import Permutations, PermutationSpec, permute_tensor
+from .variants import match_input_conv
 
 IDENTIFIER = "git_rebasin"
 """sd-mecha 1.1.x already owns `rebasin` (its builtin SDXL-only interface)."""
@@ -212,6 +213,8 @@ def read_models(
 
     def read_pair(key: str) -> tuple[HeldTensor | None, HeldTensor | None]:
         a_value, ref_value = _read(a, key), _read(ref, key)
+        if a_value is not None and ref_value is not None:
+            ref_value = match_input_conv(key, a_value, ref_value)  # inpainting vs plain: latents only
         if a_value is not None and ref_value is not None and a_value.shape != ref_value.shape:
             raise ValueError(
                 f"git_rebasin: {key} has shape {tuple(a_value.shape)} in `a` but {tuple(ref_value.shape)} "

@@ -168,21 +168,6 @@ def test_sd1_with_sdxl(tmp_path, monkeypatch, capsys):
     only_inputs_left(tmp_path, a, b)
 
 
-def test_inpainting_shape_mismatch(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    layout = config_shapes("sd1-ldm", ("clip_l", "diffuser"))
-    a = sparse(tmp_path / "sd15.safetensors", layout)
-    b = sparse(tmp_path / "inpaint.safetensors", layout, input_blocks__0__0__weight=(320, 9, 3, 3))
-    rc, _, err = run_cli(capsys, "merge", a, b)
-    assert_one_line_error(rc, err, 1, "inpaint.safetensors", "[320, 9, 3, 3]", "[320, 4, 3, 3]")
-    c = sparse(tmp_path / "inpaint2.safetensors", layout, input_blocks__0__0__weight=(320, 9, 3, 3))
-    rc, _, err = run_cli(capsys, "merge", b, c)
-    assert_one_line_error(rc, err, 1, "inpaint.safetensors", "expects [320, 4, 3, 3]", "inpainting")
-    rc, out, _ = run_cli(capsys, "inspect", b)
-    assert rc == 1 and "inpainting" in out
-    only_inputs_left(tmp_path, a, b, c)
-
-
 @pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
 def test_non_finite_weight_names_the_key(tmp_path, monkeypatch, capsys, value, word):
     monkeypatch.chdir(tmp_path)
