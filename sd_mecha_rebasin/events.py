@@ -7,12 +7,13 @@ permutation solved, never per element. Events, in the order a merge emits them:
 Phases with a known amount of work (a bar each; its ETA covers that phase only):
 - "phase_start": {"phase": str, "total": int, "unit": str}
 - "phase": {"phase": str, "done": int, ...}: `done` of `total` so far; "read" adds "bytes" (compact
-  copies held, both models), "write" adds "total" (the exact file size, header included).
+  copies held, both models).
 - "phase_end": {"phase": str}
   The phases: "scan" (jobs.run: NaN/Inf check of A and B, keys of both), "read" (the pre-pass
   reads the keys the permutation rules bind, from both models at once), "start" (weight matching's
   starting point: invariant features of each key, one assignment per permutation, then the
-  starting objective of each key; steps), "write" (jobs.run: the output file, bytes).
+  starting objective of each key; steps), "write" (jobs.run: the output file, bytes, header
+  included; it starts once the header is built).
 
 The pre-pass (merge_method.align), around weight matching:
 - "prepass_start": {"spaces": int, "max_iter": int}: after "read", before "start". `max_iter` is

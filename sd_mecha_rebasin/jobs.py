@@ -433,12 +433,7 @@ def run(
                     metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
             if recipe_target is not None and not mecha:
                 raise UserError("sd-mecha could not serialize this recipe", opts.save_recipe)
-            events.emit("phase_start", phase="write", total=sum(t.nbytes for t in tensors.values()), unit="B")
-            size = target.commit(
-                tensors,
-                metadata,
-                lambda done, total: events.emit("phase", phase="write", done=done, total=total),
-            )
+            size = target.commit(tensors, metadata, _write_progress())
             events.emit("phase_end", phase="write")
             del tensors
             if recipe_target is not None:
@@ -469,6 +464,21 @@ def run(
         left_out=left_out,
         perms=perms,
     )
+
+
+def _write_progress() -> Callable[[int, int], None]:
+    """`AtomicOutput.commit`'s progress callback as "write" phase events (started on the first call,
+    when the file's size is known)."""
+    started = False
+
+    def wrote(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            events.emit("phase_start", phase="write", total=total, unit="B")
+        events.emit("phase", phase="write", done=done)
+
+    return wrote
 
 
 SCAN_PARTS = 32

@@ -317,7 +317,8 @@ def test_one_prepass_per_merge_with_progress_events(tiny):
     received: list[tuple[str, dict]] = []
     with events.listening(lambda event, data: received.append((event, data))):
         t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref, iters=50), alpha=0.5), threads=2)
-    names = [event for event, _ in received]
+    received = [(e, d) for e, d in received if e in ("prepass_start", "sweep", "prepass_end")]
+    names = [event for event, _ in received]  # the other events: tests/test_progress.py
     assert names[0] == "prepass_start" and names[-1] == "prepass_end"
     assert names.count("prepass_start") == names.count("prepass_end") == 1
     assert received[0][1] == {"spaces": len(t.spec.spaces), "max_iter": 50}
