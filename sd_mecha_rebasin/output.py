@@ -124,8 +124,11 @@ _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def _gigabytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _size(n: int) -> str:
+    """Bytes for people: "37.3 MB", "2.13 GB"."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
 
 
 class AtomicOutput:
@@ -179,8 +182,8 @@ class AtomicOutput:
             return
         if free < expected_bytes:
             raise UserError(
-                f"not enough free space for {self.path.name}: it needs about {_gigabytes(expected_bytes)}, "
-                f"{_gigabytes(free)} free",
+                f"not enough free space for {self.path.name}: it needs about {_size(expected_bytes)}, "
+                f"{_size(free)} free",
                 self.directory,
             )
 
