@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import events, test_hooks
+from . import events, testhooks
 from .checkpoint import (
     FAMILY_NAMES,
     MARKER_KEYS,
@@ -373,7 +373,7 @@ def run(
             merged: dict[str, Any] = {}
 
             def merge() -> None:
-                test_hooks.pause("merging")
+                testhooks.pause("merging")
                 sd_mecha.merge(
                     recipe,
                     output=merged,

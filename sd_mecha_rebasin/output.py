@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import test_hooks
+from . import testhooks
 from .checkpoint import Checkpoint, UserError
 
 _DTYPE_NAMES = {
@@ -216,7 +216,7 @@ class AtomicOutput:
         """
         try:
             size = write_safetensors(self.tmp, tensors, metadata, on_progress)
-            test_hooks.pause("written")
+            testhooks.pause("written")
             self._move_into_place()
         except OSError as e:
             self.abort()
@@ -295,9 +295,9 @@ def write_safetensors(
                 done += data.nbytes
             if on_progress is not None:
                 on_progress(done, total)
-            if i == 0 and test_hooks.active():
+            if i == 0 and testhooks.active():
                 f.flush()
-                test_hooks.pause("writing")  # a test kills the process here: a half-written file
+                testhooks.pause("writing")  # a test kills the process here: a half-written file
         f.flush()
         os.fsync(f.fileno())
     return total
