@@ -391,13 +391,14 @@ def test_demo_recovers_the_hidden_permutation(demo_run):
     )
 
 
-def test_merge_end_to_end(models, tmp_path, capsys):
+def test_merge_end_to_end(models, tmp_path, monkeypatch, capsys):
     import sd_mecha
     from safetensors import safe_open
 
     import sd_mecha_rebasin  # noqa: F401  (git_rebasin must be registered to load the recipe)
 
     a, b = map(pathlib.Path, models)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress bars are for terminals
     rc, out, err = run_cli(capsys, "merge", a, b, "--json", "--threads", "2", "--save-recipe", "r.mecha")
     assert rc == 0, err
     summary = json.loads(out)

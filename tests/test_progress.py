@@ -12,6 +12,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 
 import pytest
 from support.demo_files import write_demo_pair
@@ -193,11 +194,15 @@ def test_a_tiny_merge_reports_every_phase_in_order(demo_pair, tmp_path):
     assert result.output_bytes == size
 
 
-def test_cli_progress_on_stderr_and_quiet_json(demo_pair, tmp_path, monkeypatch, capsys):
+def test_cli_progress_on_a_terminal_and_quiet_json(demo_pair, tmp_path, monkeypatch, capsys):
     a, b = demo_pair
     monkeypatch.chdir(tmp_path)
     for path in (a, b):
         shutil.copy(path, tmp_path)
+    rc = main(["merge", "A.safetensors", "B.safetensors", "-o", "piped.safetensors", "--threads", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err == ""  # stderr is no terminal: no bars in logs and pipes
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     rc = main(["merge", "A.safetensors", "B.safetensors", "--threads", "2", "--iters", str(MAX_ITER)])
     out, err = capsys.readouterr()
     assert rc == 0, err
