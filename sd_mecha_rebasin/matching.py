@@ -259,8 +259,6 @@ def objectives_and_distances(
     for key in spec.axes:
         if key not in ref or key not in model:
             continue
-        if on_key is not None:
-            on_key()
         a_full, b_full = ref[key], model[key]
         if a_full.dim() == 0:
             a_full, b_full = a_full[None], b_full[None]
@@ -283,6 +281,8 @@ def objectives_and_distances(
                 b = b.float()
                 total[0] += _accurate_sum(a * b)
                 total[1] += _accurate_sum((b - a).square_())
+        if on_key is not None:
+            on_key()
     return [(dot, sq) for dot, sq in totals]
 
 
