@@ -133,7 +133,15 @@ def _options(kw: dict[str, Any]) -> RunOptions:
         metadata=not kw["no_metadata"],
         overwrite=kw["overwrite"],
         quiet=kw["quiet"],
+        progress=_is_terminal(sys.stderr),  # bars for a person; none in logs and pipes
     )
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

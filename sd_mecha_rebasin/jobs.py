@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import events, testhooks
 from .blocks import Alpha
 from .checkpoint import (
     FAMILY_NAMES,
@@ -349,8 +350,6 @@ def run(
         raise ValueError(f"unknown mode {mode!r}")
     import sd_mecha
 
-    from . import events
-
     t0 = time.perf_counter()
     a_path, b_path, output = pathlib.Path(a_path), pathlib.Path(b_path), pathlib.Path(output)
     device = check_device(opts.device)
@@ -373,8 +372,12 @@ def run(
                 recipe_target = stack.enter_context(
                     AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
                 )
-            for ckpt in (a, b):
-                check_finite(ckpt, threads=opts.threads or 0)
+            _warn_stale_partials([target, recipe_target], opts.quiet)
+            target.check_free_space(expected_output_bytes(mode, a, b, dtype))
+            progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
+            stack.callback(progress.close)
+            stack.enter_context(events.listening(progress))
+            _scan_inputs((a, b), opts.threads)
             _warn_prediction_mismatch(mode, a, b, opts.quiet)
 
             config = a.config
@@ -389,27 +392,24 @@ def run(
             else:
                 recipe = _rebasin_node(model_b, model_a, opts)
 
-            progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
             merged: dict[str, Any] = {}
+
+            def merge() -> None:
+                testhooks.pause("merging")
+                sd_mecha.merge(
+                    recipe,
+                    output=merged,
+                    output_dtype=dtype,
+                    merge_device="cpu",
+                    threads=opts.threads or None,
+                    tqdm=progress.tqdm_factory(),
+                    check_extra_keys=False,
+                    omit_non_finite_inputs=False,
+                )
+
             try:
-                with (
-                    events.listening(progress),
-                    capture_logging(opts.quiet),
-                    _arch(config, opts.arch),
-                    _reading_inputs(),
-                ):
-                    _in_background(
-                        lambda: sd_mecha.merge(
-                            recipe,
-                            output=merged,
-                            output_dtype=dtype,
-                            merge_device="cpu",
-                            threads=opts.threads or None,
-                            tqdm=progress.tqdm_factory(),
-                            check_extra_keys=False,
-                            omit_non_finite_inputs=False,
-                        )
-                    )
+                with capture_logging(opts.quiet), _arch(config, opts.arch), _reading_inputs():
+                    _in_background(merge)
             finally:
                 progress.close()
             mecha = merged.pop("__metadata__", {}).get("mecha_recipe")
@@ -455,7 +455,8 @@ def run(
                     metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
             if recipe_target is not None and not mecha:
                 raise UserError("sd-mecha could not serialize this recipe", opts.save_recipe)
-            size = target.commit(tensors, metadata)
+            size = target.commit(tensors, metadata, _write_progress())
+            events.emit("phase_end", phase="write")
             del tensors
             if recipe_target is not None:
                 recipe_target.commit_text(
@@ -508,6 +509,68 @@ def _reading_inputs() -> Any:
         raise UserError(
             f"cannot read {'an input file' if where is None else 'it'}: {e.strerror or e}", where
         ) from None
+
+
+def _write_progress() -> Callable[[int, int], None]:
+    """`AtomicOutput.commit`'s progress callback as "write" phase events (started on the first call,
+    when the file's size is known)."""
+    started = False
+
+    def wrote(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            events.emit("phase_start", phase="write", total=total, unit="B")
+        events.emit("phase", phase="write", done=done)
+
+    return wrote
+
+
+SCAN_PARTS = 32
+"""The NaN/Inf scan runs over each model in this many runs of keys (progress between runs)."""
+
+
+def _scan_inputs(ckpts: Sequence[Checkpoint], threads: int) -> None:
+    """`check_finite` on each model, a run of keys (in file order) at a time, with "scan" progress
+    events; the first bad key in file order is the error."""
+    total = sum(len(c.shapes) for c in ckpts)
+    events.emit("phase_start", phase="scan", total=total, unit="key")
+    done = 0
+    for ckpt in ckpts:
+        keys = list(ckpt.shapes)
+        step = max(1, -(-len(keys) // SCAN_PARTS))
+        for lo in range(0, len(keys), step):
+            check_finite(ckpt, keys[lo : lo + step], threads=threads or 0)
+            done += len(keys[lo : lo + step])
+            events.emit("phase", phase="scan", done=done)
+    events.emit("phase_end", phase="scan")
+
+
+def expected_output_bytes(mode: str, a: Checkpoint, b: Checkpoint, dtype: torch.dtype) -> int:
+    """The tensor data `assemble` will write, in bytes, from the base model's header (A; B for an
+    alignment): weights that take part in the merge and EMA copies of UNet weights in `dtype`,
+    everything else as stored. The header and metadata (kilobytes) are not counted."""
+    base = b if mode == "align" else a
+    config = base.config
+    assert config is not None
+    canon = {key: base.canonical.get(key, key) for key in base.shapes}
+    emas = ema_map(base.shapes, [c for c in canon.values() if c.startswith("model.diffusion_model.")])
+    total = 0
+    for key, shape in base.shapes.items():
+        stored = base.dtypes[key]
+        weight = key in emas or is_merged_key(config, canon[key], stored)
+        total += math.prod(shape) * (dtype if weight and stored.is_floating_point else stored).itemsize
+    return total
+
+
+def _warn_stale_partials(targets: Sequence[AtomicOutput | None], quiet: bool) -> None:
+    """Say which partial files of killed runs were removed from the output folders."""
+    removed = [path for target in targets if target is not None for path in target.removed_stale]
+    if removed and not quiet:
+        names = ", ".join(p.name for p in removed)
+        warn(
+            f"removed {len(removed)} partial file(s) that an interrupted run left in {removed[0].parent}: {names}"
+        )
 
 
 def _sweeps(result: Any) -> int:

@@ -16,7 +16,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,8 +250,11 @@ def objectives_and_distances(
     ref: Mapping[str, torch.Tensor],
     model: Mapping[str, torch.Tensor],
     candidates: list[Permutations],
+    on_key: Callable[[], None] | None = None,
 ) -> list[tuple[float, float]]:
-    """`objective_and_distance` for several candidate permutations in one pass over the tensors."""
+    """`objective_and_distance` for several candidate permutations in one pass over the tensors.
+
+    `on_key()` is called after each key of the spec that both models hold (progress)."""
     totals = [[0.0, 0.0] for _ in candidates]
     for key in spec.axes:
         if key not in ref or key not in model:
@@ -277,6 +281,8 @@ def objectives_and_distances(
                 b = b.float()
                 total[0] += _accurate_sum(a * b)
                 total[1] += _accurate_sum((b - a).square_())
+        if on_key is not None:
+            on_key()
     return [(dot, sq) for dot, sq in totals]
 
 
@@ -311,6 +317,7 @@ def weight_matching(
     warm_start: bool = True,
     overwrite_model: bool = False,
     on_sweep: Callable[[SweepStats], None] | None = None,
+    on_progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> MatchResult:
     """Find the permutations of `model` that bring it closest to `ref` (legal ones only).
 
@@ -321,7 +328,10 @@ def weight_matching(
     given permutations instead of the identity; `warm_start` first tries the invariant-feature
     start (see `warm_start.py`) and keeps it only if its objective beats the starting point's.
     `overwrite_model` lets matching permute `model`'s tensors in place instead of holding a
-    permuted copy: they then hold the aligned model.
+    permuted copy: they then hold the aligned model. `on_sweep(stats)` follows each sweep;
+    `on_progress(event, data)` receives the "phase_start" / "phase" / "phase_end" events of the
+    starting point (phase "start") and each sweep's "sweep_start" and "solve" events, as
+    `events.py` describes them (a few per permutation solved, never per element).
     """
     device = torch.device(device)
     _product_dtype(precision)  # reject an unknown precision before any work
@@ -333,9 +343,20 @@ def weight_matching(
     names = sorted(spec.spaces)
     neighbours = {name: spec.neighbours(name) for name in names}
     t0 = time.perf_counter()
+    report = on_progress or (lambda event, data: None)
+    use_warm = warm_start and max_iter > 0
+    both = sum(1 for key in spec.axes if key in ref and key in model)
+    steps = {"done": 0}
+
+    def step() -> None:  # one key's features, one space's solve, or one key's objectives
+        steps["done"] += 1
+        report("phase", {"phase": "start", "done": steps["done"]})
+
+    total = both * 2 + len(names) if use_warm else both  # features, solves, then objectives
+    report("phase_start", {"phase": "start", "total": total, "unit": "step"})
     warm = None
-    if warm_start and max_iter > 0:  # from the untouched model: its features do not depend on `start`
-        warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver)
+    if use_warm:  # from the untouched model: its features do not depend on `start`
+        warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver, on_step=step)
         return_freed_memory()
     with ThreadPoolExecutor(max_workers=threads) as pool:  # solves, and the gathers of `move_to`
         aligned = AlignedModel(spec, model, overwrite=overwrite_model, pool=pool)
@@ -343,7 +364,7 @@ def weight_matching(
         candidates = [{}, start] if moved_start else [{}]
         if warm is not None:  # kept only if it is a better starting point
             candidates.append(warm)
-        figures = objectives_and_distances(spec, ref, model, candidates)  # one pass for all
+        figures = objectives_and_distances(spec, ref, model, candidates, on_key=step)  # one pass for all
         base = math.sqrt(figures[0][1]) if figures[0][1] > 0 else 1.0
         warm_figures = figures.pop() if warm is not None else None
         dot, sq = figures[-1]  # the start's
@@ -353,15 +374,18 @@ def weight_matching(
         else:
             aligned.move_to(start)
         history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, time.perf_counter() - t0)]
+        report("phase_end", {"phase": "start"})
         dirty = set(names)
         converged = False
         moved = False
         for sweep in range(1, max_iter + 1):
             t0 = time.perf_counter()
             order = [names[i] for i in rng.permutation(len(names))]
-            changed = solved = 0
+            changed = solved = visited = 0
+            report("sweep_start", {"sweep": sweep, "total": len(names), "objective": dot})
             for batch in _batches(order, neighbours):
                 todo = [name for name in batch if name in dirty]
+                visited += len(batch) - len(todo)  # unchanged neighbours: nothing to solve
                 futures = [
                     pool.submit(
                         _solve,
@@ -376,6 +400,9 @@ def weight_matching(
                     )
                     for name in todo
                 ]
+                for _ in as_completed(futures):  # progress as solves finish; results in order below
+                    visited += 1
+                    report("solve", {"sweep": sweep, "done": visited, "total": len(names), "objective": dot})
                 results = [f.result() for f in futures]
                 updates = {}
                 for name, (perm, gain) in zip(todo, results):

@@ -209,7 +209,7 @@ def read_models(
 ) -> tuple[dict[str, HeldTensor], dict[str, HeldTensor]]:
     """Compact copies of `keys` from both models, read by `threads` workers (sd-mecha evaluates
     each key of a recipe node on demand, and upcasts it: both parallelise). The first shape
-    mismatch in `keys`' order is the error."""
+    mismatch in `keys`' order is the error. Emits the "read" phase's events (see `events.py`)."""
 
     def read_pair(key: str) -> tuple[HeldTensor | None, HeldTensor | None]:
         a_value, ref_value = _read(a, key), _read(ref, key)
@@ -224,14 +224,20 @@ def read_models(
 
     a_out: dict[str, HeldTensor] = {}
     ref_out: dict[str, HeldTensor] = {}
+    held = 0
+    events.emit("phase_start", phase="read", total=len(keys), unit="key")
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for done, (key, (a_value, ref_value)) in enumerate(zip(keys, pool.map(read_pair, keys)), 1):
             if done % TRIM_EVERY_KEYS == 0:  # the freed float32 reads otherwise fragment the heap
                 return_freed_memory()
             if a_value is not None:
                 a_out[key] = a_value
+                held += a_value.value.nbytes
             if ref_value is not None:
                 ref_out[key] = ref_value
+                held += ref_value.value.nbytes
+            events.emit("phase", phase="read", done=done, bytes=held)
+    events.emit("phase_end", phase="read")
     return a_out, ref_out
 
 
@@ -278,6 +284,7 @@ def align(
         precision=settings.precision,
         overwrite_model=True,  # `a_values` are this pre-pass's own copies: permute them in place
         on_sweep=_sweep_done,
+        on_progress=lambda event, data: events.emit(event, **data),
     )
     seconds = time.perf_counter() - start
     events.emit("prepass_end", result=result, seconds=seconds)

@@ -1,7 +1,8 @@
 """Writing results: safetensors under a temporary name, renamed into place when complete, with metadata.
 
-A failure or Ctrl-C leaves no half-written file: the data goes to a hidden temporary file in the
-output directory (same file system, so the final rename is atomic) that is removed on any error.
+A failure or Ctrl-C leaves no half-written file: the data goes to a hidden partial file in the
+output directory (same file system, so the final rename is atomic) that is removed on any error;
+one that `kill -9` leaves is named for what it is and removed by the next run into that folder.
 
 Metadata (all values are strings, as safetensors requires):
 - `mecha_recipe`: sd-mecha's serialized recipe, with model paths reduced to file names;
@@ -19,13 +20,14 @@ import hashlib
 import json
 import os
 import pathlib
-import secrets
+import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from . import testhooks
 from .checkpoint import Checkpoint, UserError
 
 _DTYPE_NAMES = {
@@ -72,31 +74,95 @@ _ARCH_PREFIX = {
 PACKAGE = "sd-mecha-rebasin"
 
 
+PARTIAL_MARK = ".sd-rebasin-partial-"
+"""A file being written is `.<name>.sd-rebasin-partial-<pid>` beside its target (`<pid>`: the
+writing process), so a file that `kill -9` or a power cut leaves behind says what it is and whose."""
+
+
+def partial_path(target: pathlib.Path, pid: int | None = None) -> pathlib.Path:
+    """Where `target` is written before it is renamed into place."""
+    return target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid() if pid is None else pid}"
+
+
+def _writer_is_gone(path: pathlib.Path, pid: int) -> bool:
+    """True when no running process can be writing `path`: `pid` is free, or belongs to a process
+    started after the file was last written (the pid was reused)."""
+    import psutil
+
+    try:
+        started = psutil.Process(pid).create_time()
+        modified = path.stat().st_mtime
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, OSError):  # not ours to judge (access denied, file already gone)
+        return False
+    return started > modified + 1.0  # create_time is rounded; a writer starts before its file
+
+
+def remove_stale_partials(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Remove partial files of this tool in `directory` whose writing process is gone; returns them.
+
+    Only names of this tool's own pattern (`.*.sd-rebasin-partial-<pid>`) are touched, and only
+    when that process no longer runs: a merge still writing into the same folder keeps its file.
+    """
+    removed = []
+    for path in sorted(directory.glob(f".*{PARTIAL_MARK}*")):
+        pid = path.name.rpartition(PARTIAL_MARK)[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _writer_is_gone(path, int(pid)):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # another run cleaned it up first
+            continue
+        except OSError:
+            continue  # not ours to remove (permissions): left as it is
+        removed.append(path)
+    return removed
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _size(n: int) -> str:
+    """Bytes for people: "37.3 MB", "2.13 GB"."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
 class AtomicOutput:
-    """A destination file written under a temporary name and renamed into place by `commit`.
+    """A destination file written under a partial name and renamed into place by `commit`.
 
     Creating it checks everything about the destination that can fail early: the path is not a
-    directory, exists only with `overwrite`, and its directory exists and is writable (the temporary
-    file is created right away).
+    directory, exists only with `overwrite`, and its directory exists and is writable (the partial
+    file is created right away). It also removes partial files that killed runs left in the
+    directory (`removed_stale` lists them). At any moment, the target holds nothing or a complete
+    file (the previous one, with `overwrite`, until the rename). Errors are `UserError`s naming the
+    directory for a full disk or a read-only folder, the file otherwise.
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False, suffix: str = ".safetensors"):
         self.path = pathlib.Path(path)
         self.overwrite = overwrite
+        self._done = True  # nothing to clean up until the partial file exists
         if suffix and self.path.suffix.lower() != suffix:
             raise UserError(f"the output must be a {suffix} file", self.path, exit_code=2)
         if self.path.is_dir():
             raise UserError("is a directory; give a file name", self.path)
         if self.path.exists() and not overwrite:
             raise UserError("already exists; pass --overwrite to replace it", self.path)
-        directory = self.path.parent
-        if not directory.is_dir():
-            raise UserError("output directory does not exist", directory)
-        self.tmp = directory / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        self.directory = self.path.parent
+        if not self.directory.is_dir():
+            raise UserError("output directory does not exist", self.directory)
+        self.removed_stale = remove_stale_partials(self.directory)
+        self.tmp = partial_path(self.path)
         try:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise UserError("is already being written by this process", self.path) from None
         except OSError as e:
-            raise UserError(f"output directory is not writable ({e.strerror or e})", directory) from None
+            raise self._error(e, "create") from None
         os.close(fd)
         self._done = False
 
@@ -107,24 +173,54 @@ class AtomicOutput:
         if not self._done:
             self.abort()
 
+    def check_free_space(self, expected_bytes: int) -> None:
+        """UserError naming the directory when its file system has less free space than
+        `expected_bytes` (the output's estimated size); nothing when the free space is unknown."""
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return
+        if free < expected_bytes:
+            raise UserError(
+                f"not enough free space for {self.path.name}: it needs about {_size(expected_bytes)}, "
+                f"{_size(free)} free",
+                self.directory,
+            )
+
     def abort(self) -> None:
-        """Remove the temporary file (idempotent)."""
+        """Remove the partial file (idempotent)."""
         self._done = True
         try:
             self.tmp.unlink()
         except FileNotFoundError:
             pass
 
-    def commit(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> int:
-        """Write the file and move it into place; returns its size in bytes."""
+    def _error(self, e: OSError, doing: str) -> UserError:
+        """One line for an OSError while creating or writing the output."""
+        if e.errno in _FULL:
+            return UserError(f"no space left on the device (writing {self.path.name})", self.directory)
+        if e.errno in _NOT_WRITABLE:
+            why = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e))
+            return UserError(f"output directory is not writable ({why})", self.directory)
+        return UserError(f"cannot {doing}: {e.strerror or e}", self.path)
+
+    def commit(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Write the file and move it into place; returns its size in bytes.
+
+        `on_progress(bytes written, total bytes)` is called after the header and after each tensor.
+        """
         try:
-            size = write_safetensors(self.tmp, tensors, metadata)
+            size = write_safetensors(self.tmp, tensors, metadata, on_progress)
+            testhooks.pause("written")
             self._move_into_place()
         except OSError as e:
             self.abort()
-            if e.errno == errno.ENOSPC:
-                raise UserError("no space left on the device while writing", self.path) from None
-            raise UserError(f"cannot write: {e.strerror or e}", self.path) from None
+            raise self._error(e, "write") from None
         except BaseException:
             self.abort()
             raise
@@ -139,7 +235,7 @@ class AtomicOutput:
             self._move_into_place()
         except OSError as e:
             self.abort()
-            raise UserError(f"cannot write: {e.strerror or e}", self.path) from None
+            raise self._error(e, "write") from None
         except BaseException:
             self.abort()
             raise
@@ -162,9 +258,13 @@ class AtomicOutput:
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Write a safetensors file one tensor at a time (no second copy of the data); returns its size."""
+    """Write a safetensors file one tensor at a time (no second copy of the data); returns its size
+    in bytes. `on_progress(bytes written, total bytes)` follows the header and each tensor."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -181,16 +281,26 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    total = 8 + len(raw) + offset
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for t in tensors.values():
+        done = 8 + len(raw)
+        if on_progress is not None:
+            on_progress(done, total)
+        for i, t in enumerate(tensors.values()):
             if t.numel():
                 data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(memoryview(data))
+                done += data.nbytes
+            if on_progress is not None:
+                on_progress(done, total)
+            if i == 0 and testhooks.active():
+                f.flush()
+                testhooks.pause("writing")  # a test kills the process here: a half-written file
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(raw) + offset
+    return total
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What a person watching the command line sees: progress bars and one-line warnings.
 
-The jobs in `jobs.py` report through `events` (from any thread) and sd-mecha's key bar; this module
-turns both into tqdm bars on stderr, and sd-mecha's log warnings into `sd-rebasin: warning:` lines.
+The jobs in `jobs.py` and the merge method report through `events` (from any thread) and
+sd-mecha's key bar; this module turns both into tqdm bars on stderr, and sd-mecha's log warnings
+into `sd-rebasin: warning:` lines.
 """
 
 from __future__ import annotations
@@ -11,23 +12,38 @@ import logging
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 PROG = "sd-rebasin"
 
 
-class Progress:
-    """The pre-pass bar (one step per sweep) and sd-mecha's key bar, shown one after the other.
+PHASE_LABELS = {
+    "scan": "checking A and B for NaN/Inf",
+    "read": "re-basin: reading A and B",
+    "start": "re-basin: starting point",
+    "write": "writing the output",
+}
 
-    sd-mecha runs the pre-pass inside its first key, while its own key bar is already open; the
-    key bar is therefore held back (its count kept) until the pre-pass has ended.
+
+class Progress:
+    """What a merge shows while it works, driven by `events` (see `events.py`) and sd-mecha's key bar.
+
+    One bar per phase whose amount of work is known: the NaN/Inf scan, the pre-pass read, the
+    starting point of weight matching, each sweep (permutations visited out of all, with the
+    objective so far), sd-mecha's keys, the write. Each bar's ETA covers its own phase only: no
+    bar counts sweeps, so `max_iter` never enters an estimate. sd-mecha runs the pre-pass inside
+    its first key, while its own key bar is already open; the key bar is therefore held back (its
+    count kept) until the pre-pass has ended. `file`: where the bars go (stderr by default).
     """
 
-    def __init__(self, enabled: bool, expect_prepass: bool):
+    def __init__(self, enabled: bool, expect_prepass: bool, file: TextIO | None = None):
         self.enabled = enabled
+        self.file = file
         self.lock = threading.RLock()
         self.prepass_running = expect_prepass
-        self.prepass_bar = None
+        self.phase_bar = None
+        self.phase: str | None = None
+        self.sweep_bar = None
         self.key_bar = None
         self.key_total: int | None = None
         self.key_done = 0
@@ -35,52 +51,102 @@ class Progress:
         self.prepass_seconds = 0.0
         self._last_objective: float | None = None
 
+    def _bar(self, **kwargs: Any) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(dynamic_ncols=True, file=self.file or sys.stderr, **kwargs)
+
     # events from sd_mecha_rebasin.events
     def __call__(self, event: str, data: Mapping[str, Any]) -> None:
         with self.lock:
-            if event == "prepass_start":
-                self.prepass_running = True
-                if self.enabled:
-                    from tqdm import tqdm
+            handler = getattr(self, f"_on_{event}", None)
+            if handler is not None:
+                handler(data)
 
-                    self.prepass_bar = tqdm(
-                        total=int(data.get("max_iter") or 0) or None,
-                        desc=f"{data.get('spaces', '?')} permutations",
-                        unit="sweep",
-                        dynamic_ncols=True,
-                        bar_format="re-basin sweep {n_fmt}/{total_fmt} |{bar:12}| {desc} [{elapsed}<{remaining}]",
-                    )
-            elif event == "sweep":
-                stats = data["stats"]
-                if self.prepass_bar is not None:
-                    delta = (
-                        ""
-                        if self._last_objective is None
-                        else f" ({stats.objective - self._last_objective:+.4g})"
-                    )
-                    self.prepass_bar.set_description_str(
-                        f"objective {stats.objective:.6g}{delta}, {stats.changed} changed, "
-                        f"distance {stats.rel_distance:.4f}",
-                        refresh=False,
-                    )
-                    self.prepass_bar.update(1)
-                self._last_objective = stats.objective
-            elif event == "prepass_end":
-                self.result = data.get("result")
-                self.prepass_seconds = float(data.get("seconds") or 0.0)
-                self.prepass_running = False
-                if self.prepass_bar is not None:
-                    self.prepass_bar.close()
-                    self.prepass_bar = None
-                self._show_keys()
+    def _on_phase_start(self, data: Mapping[str, Any]) -> None:
+        self._close_phase()
+        self.phase = data["phase"]
+        if self.enabled:
+            in_bytes = data.get("unit") == "B"
+            self.phase_bar = self._bar(
+                total=data.get("total") or None,
+                desc=PHASE_LABELS.get(self.phase, self.phase),
+                unit=data.get("unit") or "it",
+                unit_scale=in_bytes,
+                unit_divisor=1024 if in_bytes else 1000,
+            )
+
+    def _on_phase(self, data: Mapping[str, Any]) -> None:
+        bar = self.phase_bar
+        if bar is None or data.get("phase") != self.phase:
+            return
+        if data.get("total") and data["total"] != bar.total:
+            bar.total = data["total"]
+        if "bytes" in data:
+            bar.set_postfix_str(f"{data['bytes'] / 2**30:.2f} GiB held", refresh=False)
+        bar.update(int(data["done"]) - bar.n)
+
+    def _on_phase_end(self, data: Mapping[str, Any]) -> None:
+        if data.get("phase") == self.phase:
+            self._close_phase()
+
+    def _on_prepass_start(self, data: Mapping[str, Any]) -> None:
+        self.prepass_running = True
+
+    def _on_sweep_start(self, data: Mapping[str, Any]) -> None:
+        self._close_phase()
+        self._close_sweep()
+        self._last_objective = float(data["objective"])
+        if self.enabled:
+            self.sweep_bar = self._bar(
+                total=int(data["total"]), desc=f"re-basin sweep {data['sweep']}", unit="perm"
+            )
+            self.sweep_bar.set_postfix_str(f"objective {self._last_objective:.6g}", refresh=False)
+
+    def _on_solve(self, data: Mapping[str, Any]) -> None:
+        bar = self.sweep_bar
+        if bar is not None:
+            bar.set_postfix_str(f"objective {float(data['objective']):.6g}", refresh=False)
+            bar.update(int(data["done"]) - bar.n)
+
+    def _on_sweep(self, data: Mapping[str, Any]) -> None:
+        stats = data["stats"]
+        bar = self.sweep_bar
+        if bar is not None:
+            delta = (
+                "" if self._last_objective is None else f" ({stats.objective - self._last_objective:+.4g})"
+            )
+            bar.set_postfix_str(
+                f"objective {stats.objective:.6g}{delta}, {stats.changed} changed, distance {stats.rel_distance:.4f}",
+                refresh=False,
+            )
+            if bar.total:
+                bar.update(bar.total - bar.n)
+            self._close_sweep()
+        self._last_objective = stats.objective
+
+    def _on_prepass_end(self, data: Mapping[str, Any]) -> None:
+        self.result = data.get("result")
+        self.prepass_seconds = float(data.get("seconds") or 0.0)
+        self.prepass_running = False
+        self._close_phase()
+        self._close_sweep()
+        self._show_keys()
+
+    def _close_phase(self) -> None:
+        if self.phase_bar is not None:
+            self.phase_bar.close()
+        self.phase_bar = None
+        self.phase = None
+
+    def _close_sweep(self) -> None:
+        if self.sweep_bar is not None:
+            self.sweep_bar.close()
+        self.sweep_bar = None
 
     def _show_keys(self) -> None:
         if self.enabled and self.key_bar is None and self.key_total is not None and not self.prepass_running:
-            from tqdm import tqdm
-
-            self.key_bar = tqdm(
-                total=self.key_total, desc="keys", unit="key", dynamic_ncols=True, initial=self.key_done
-            )
+            self.key_bar = self._bar(total=self.key_total, desc="keys", unit="key", initial=self.key_done)
 
     def tqdm_factory(self) -> type:
         """A stand-in for tqdm that sd-mecha's `merge(tqdm=...)` uses for its key bar."""
@@ -117,11 +183,13 @@ class Progress:
         return KeyBar
 
     def close(self) -> None:
+        """Close every open bar (the object stays usable: a later phase opens a new one)."""
         with self.lock:
-            for bar in (self.prepass_bar, self.key_bar):
-                if bar is not None:
-                    bar.close()
-            self.prepass_bar = self.key_bar = None
+            self._close_phase()
+            self._close_sweep()
+            if self.key_bar is not None:
+                self.key_bar.close()
+            self.key_bar = None
 
 
 class _LogToStderr(logging.Handler):

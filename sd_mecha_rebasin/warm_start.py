@@ -17,8 +17,9 @@ counts as a legal or a locally best permutation.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,8 +144,13 @@ def invariant_feature_start(
     *,
     threads: int = 1,
     solver: str | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> Permutations:
-    """Each permutation matched on its own from invariant features (spaces with none keep `init`)."""
+    """Each permutation matched on its own from invariant features (spaces with none keep `init`).
+
+    `on_step()` is called in the calling thread after each key's features and each space's
+    assignment (progress: keys held by both models, then every space)."""
+    step = on_step or (lambda: None)
 
     def both(key: str) -> tuple[KeyFeatures, KeyFeatures]:
         return key_features(spec, key, ref[key]), key_features(spec, key, model[key])
@@ -155,9 +161,14 @@ def invariant_feature_start(
             return init[space]
         return groups.best_element(spec.spaces[space].tree, cost, solver)
 
+    def counted(results: Iterator[Any]) -> Iterator[Any]:
+        for result in results:
+            step()
+            yield result
+
     keys = [key for key in spec.axes if key in ref and key in model]
     names = sorted(spec.spaces)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        features = dict(zip(keys, pool.map(both, keys)))  # one pass over each tensor, for all its axes
+        features = dict(zip(keys, counted(pool.map(both, keys))))  # one pass over each tensor, all axes
         return_freed_memory()  # the chunks of that pass, freed into the worker threads' heaps
-        return dict(zip(names, pool.map(solve, names)))
+        return dict(zip(names, counted(pool.map(solve, names))))

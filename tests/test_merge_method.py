@@ -317,7 +317,8 @@ def test_one_prepass_per_merge_with_progress_events(tiny):
     received: list[tuple[str, dict]] = []
     with events.listening(lambda event, data: received.append((event, data))):
         t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref, iters=50), alpha=0.5), threads=2)
-    names = [event for event, _ in received]
+    received = [(e, d) for e, d in received if e in ("prepass_start", "sweep", "prepass_end")]
+    names = [event for event, _ in received]  # the other events: tests/test_progress.py
     assert names[0] == "prepass_start" and names[-1] == "prepass_end"
     assert names.count("prepass_start") == names.count("prepass_end") == 1
     assert received[0][1] == {"spaces": len(t.spec.spaces), "max_iter": 50}
@@ -351,7 +352,11 @@ def test_an_explicit_cache_keeps_the_permutations_between_merges(tiny):
 def _run_python(code: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,  # a hang only
     )
 
 
