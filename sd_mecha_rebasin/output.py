@@ -342,20 +342,30 @@ def anonymize_recipe(recipe: str, names: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _json_value(text: str | None) -> Any:
+    """An input's metadata JSON as a value to nest in ours, or None where it cannot be nested.
+
+    Metadata is whatever an earlier tool wrote: invalid JSON, or JSON nested so deeply that
+    parsing or re-serialising it exhausts the recursion limit, is dropped, never an error.
+    """
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+        json.dumps(value)
+    except (ValueError, RecursionError):
+        return None
+    return value
+
+
 def _input_record(ckpt: Checkpoint, sha256: str | None, legacy: str | None) -> dict[str, Any]:
     recipe = ckpt.metadata.get("sd_merge_recipe")
-    try:
-        recipe = json.loads(recipe) if recipe else None
-    except json.JSONDecodeError:
-        pass
-    return {"name": ckpt.name, "legacy_hash": legacy, "sd_merge_recipe": recipe}
+    parsed = _json_value(recipe)
+    return {"name": ckpt.name, "legacy_hash": legacy, "sd_merge_recipe": recipe if parsed is None else parsed}
 
 
 def _inherited_models(ckpt: Checkpoint) -> dict[str, Any]:
-    try:
-        models = json.loads(ckpt.metadata.get("sd_merge_models", "") or "{}")
-    except json.JSONDecodeError:
-        return {}
+    models = _json_value(ckpt.metadata.get("sd_merge_models"))
     return models if isinstance(models, dict) else {}
 
 

@@ -598,3 +598,27 @@ def test_python_recipe_merges_an_inpainting_a_with_a_plain_b(tmp_path):
     conv, conv_a = load_file(str(tmp_path / "out.safetensors"))[INPUT_CONV], sd_a[INPUT_CONV]
     assert conv.shape == (32, 9, 3, 3) and torch.equal(conv[:, 4:], conv_a[:, 4:])
     assert (conv[:, :4] - conv_a[:, :4]).norm() < 0.05 * conv_a[:, :4].norm()  # B aligned, then merged
+
+
+@pytest.mark.parametrize("field", ["sd_merge_recipe", "sd_merge_models"])
+def test_deeply_nested_metadata_of_an_input(tmp_path, field):
+    """An earlier tool's recipe nested past Python's recursion limit is carried as text or dropped,
+    never an error: the merge writes its own metadata."""
+    import json
+
+    sd_a, sd_b = quirks.small_pair()
+    deep = "[" * 100_000 + "]" * 100_000
+    a = quirks.save(tmp_path / "A.safetensors", sd_a, metadata={**quirks.DEMO_META, field: deep})
+    b = quirks.save(tmp_path / "B.safetensors", sd_b)
+    out = tmp_path / "out.safetensors"
+    average(a, b, out, metadata=True)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    models = json.loads(meta["sd_merge_models"])
+    assert json.loads(meta["sd_merge_recipe"])["type"] == "sd-mecha-rebasin"
+    records = [r for r in models.values() if r.get("name") == "A.safetensors"]
+    assert len(records) == 1
+    if field == "sd_merge_recipe":
+        assert records[0]["sd_merge_recipe"] == deep  # kept as the text it was
