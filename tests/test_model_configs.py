@@ -230,3 +230,20 @@ def test_sd2_file_read_as_sd1_loses_its_text_encoder(tmp_path, caplog):
         out = _merge_to_file(sd_mecha.model(src, config="sd1-ldm"), tmp_path / "out.safetensors")
     assert not any(k.startswith("cond_stage_model.") for k in out)
     assert any(k.startswith("model.diffusion_model.") for k in out)
+
+
+def test_spec_facts_follow_the_cross_attention_width():
+    """The permutation spec takes SD1's or SD2's facts (8 heads, or heads 64 wide) from the shapes,
+    whichever of the two names it is given: a file sd-mecha took for the other one by key names
+    must not be permuted across heads."""
+    from sd_mecha_rebasin import permutation_spec
+    from sd_mecha_rebasin.architectures import config_shapes
+
+    for identifier in ("sd1-ldm", "sd2-ldm"):
+        shapes = config_shapes(identifier)
+        other = "sd2-ldm" if identifier == "sd1-ldm" else "sd1-ldm"
+        assert permutation_spec(other, shapes=shapes).describe(verbose=True) == permutation_spec(
+            identifier, shapes=shapes
+        ).describe(verbose=True)
+    sd1 = permutation_spec("sd1-ldm", shapes=config_shapes("sd1-ldm")).describe(verbose=True)
+    assert sd1 != permutation_spec("sd2-ldm", shapes=config_shapes("sd2-ldm")).describe(verbose=True)

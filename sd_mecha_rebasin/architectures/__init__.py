@@ -78,8 +78,17 @@ def permutation_spec(
     `shapes` replaces the config's key -> shape table (same key names, other sizes: tiny test
     models); `arch` overrides facts shapes do not reveal, e.g. `{"unet": {"head_dim": 8},
     "clip_g": {"heads": 6}}`.
+
+    A UNet-only LDM file has the key names of both `sd1-ldm` and `sd2-ldm`, and sd-mecha's
+    detection (key names only) takes it for `sd2-ldm`; SD1 has 8 heads, SD2 heads 64 wide, so
+    the wrong facts would permute across heads. With `shapes`, the cross-attention width (768 or
+    1024) settles which of the two this is.
     """
     identifier = config_identifier(config)
+    if shapes is not None and identifier in ("sd1-ldm", "sd2-ldm"):
+        from ..model_configs import sd1_or_sd2_from_shapes
+
+        identifier = sd1_or_sd2_from_shapes(shapes) or identifier
     facts = family_facts(identifier, arch)
     b = SpecBuilder(shapes if shapes is not None else config_shapes(config))
     context, pooled_space = [], None
