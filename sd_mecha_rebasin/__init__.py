@@ -7,6 +7,7 @@ from .architectures import permutation_spec
 from .many import ManyResult, ModelStep, PassStats, merge_many, merged_tensors
 from .matching import MatchResult, SweepStats, weight_matching
 from .merge_method import rebasin
+from .merge_method_many import rebasin_many
 from .model_configs import register_model_configs
 from .spec import Permutations, PermutationSpec, apply_permutation, random_permutation
 
@@ -26,6 +27,7 @@ __all__ = [
     "permutation_spec",
     "random_permutation",
     "rebasin",
+    "rebasin_many",
     "register_model_configs",
     "weight_matching",
 ]
