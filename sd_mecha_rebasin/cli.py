@@ -268,8 +268,6 @@ def merge_many_cmd(
     """
     from .many_job import merge_many_files, parse_weights
 
-    if kw["save_recipe"] is not None:
-        raise UserError("--save-recipe is not supported by merge-many yet", exit_code=2)
     res = merge_many_files(
         models,
         output,

@@ -46,7 +46,7 @@ from .jobs import (
 )
 from .lazy import FileStateDict
 from .many import DEFAULT_MAX_PASSES, ModelStep, PassStats, check_weights, merge_many, merged_tensors
-from .output import PACKAGE, AtomicOutput, _inherited_models, _input_record, modelspec
+from .output import PACKAGE, AtomicOutput, _inherited_models, _input_record, anonymize_recipe, modelspec
 from .progress import ManyProgress, capture_logging, warn
 
 
@@ -214,6 +214,30 @@ def _metadata(
     return meta
 
 
+def recipe_text(
+    ckpts: Sequence[Checkpoint], weights: Sequence[float], ref: int, max_passes: int, opts: RunOptions
+) -> str:
+    """The merge as an sd-mecha recipe (`git_rebasin_many` over the inputs), model paths as file names."""
+    import sd_mecha
+
+    from .merge_method_many import rebasin_many
+
+    nodes = [sd_mecha.model(str(c.path.resolve()), c.config) for c in ckpts]
+    node = rebasin_many(
+        *nodes,
+        weights=",".join(repr(float(w)) for w in weights),
+        ref=ref,
+        max_passes=max_passes,
+        iters=opts.iters,
+        seed=opts.seed,
+        threads=opts.threads,
+        device=opts.device,
+        precision=opts.precision,
+    )
+    text = sd_mecha.serialize(node, finalize=False)
+    return anonymize_recipe(text, {str(c.path.resolve()): c.name for c in ckpts})
+
+
 def merge_many_files(
     paths: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -264,6 +288,12 @@ def merge_many_files(
         hashes = hasher.submit(_hash_inputs, paths, stop_hashing) if opts.metadata else None
         with contextlib.ExitStack() as stack:
             target = stack.enter_context(AtomicOutput(output, overwrite=opts.overwrite))
+            recipe_target = None
+            if opts.save_recipe is not None:
+                recipe_target = stack.enter_context(
+                    AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
+                )
+            mecha = recipe_text(ckpts, w, ref, max_passes, opts)
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
             spec = _perm_spec(config, opts)
@@ -330,12 +360,14 @@ def merge_many_files(
                         "output_dtype": opts.output_dtype,
                         "config_source": config,
                     },
-                    None,
+                    mecha,
                 )
                 if demo_layout:
                     metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
             size = target.commit(tensors, metadata)
             del tensors
+            if recipe_target is not None:
+                recipe_target.commit_text(mecha)  # no final newline: sd-mecha 1.1.8 cannot parse one
             output_seconds = time.perf_counter() - t_out
     finally:
         progress.close()

@@ -191,3 +191,21 @@ def test_recovers_the_hidden_permutations(inputs, tmp_path):
     for i in range(1, N):
         expected = invert(hidden[i])  # the reference (model 1) is unpermuted
         assert all(np.array_equal(perms[i][n], expected[n]) for n in spec.spaces)
+
+
+def test_save_recipe_writes_a_loadable_mecha_file(inputs, tmp_path, capsys):
+    import sd_mecha
+
+    paths, *_ = inputs
+    out, mecha = tmp_path / "r.safetensors", tmp_path / "r.mecha"
+    rc, _, err = run_cli(
+        capsys, "merge-many", *paths, "-o", out, "--save-recipe", mecha, "--weights", "1,1,2", "-q"
+    )
+    assert rc == 0, err
+    text = mecha.read_text()
+    assert '"git_rebasin_many"' in text and str(tmp_path) not in text
+    assert all(f'model "{p.name}"' in text for p in paths)
+    again = sd_mecha.deserialize(text.splitlines())  # the plugin is imported: it loads
+    assert sd_mecha.serialize(again, finalize=False) == text
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["mecha_recipe"] == text
