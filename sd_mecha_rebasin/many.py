@@ -59,7 +59,8 @@ class ModelStep:
     model: int
     """Index of the model in the input list."""
     gain: float
-    """Rise of `<mean of the others, pi_i(M_i)>` from the start of this alignment (>= 0)."""
+    """Rise of `<mean of the others, pi_i(M_i)>` in this alignment: from the model's permutation
+    before it (its own basis on a first visit) to the new one."""
     distance: float
     """`||mean of the others - pi_i(M_i)||` after the alignment (L2 over the spec's keys)."""
     changed: int
@@ -224,6 +225,9 @@ def merge_many(
         def squared_norm(tensors: Mapping[str, torch.Tensor]) -> float:
             return math.fsum(pool.map(lambda t: _dot(t, t), tensors.values()))
 
+        def inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+            return math.fsum(pool.map(lambda key: _dot(a[key], b[key]), keys))
+
         def update(model: Mapping[str, torch.Tensor], factor: float) -> None:
             list(pool.map(lambda key: total[key].add_(model[key], alpha=factor), keys))
 
@@ -244,6 +248,8 @@ def merge_many(
                 weight_others = math.fsum(u[j] for j in placed if j != i)
                 scale(1.0 / weight_others)  # S now holds the weighted mean of the others
                 mean_norm = squared_norm(total)
+                # The objective where this alignment starts (a first visit: the model's own basis).
+                start = inner(total, model) if first_visit else None
                 result = weight_matching(
                     spec,
                     total,
@@ -268,7 +274,7 @@ def merge_many(
                 stale.discard(i)
                 if not result.converged:  # stopped at max_iter: its answer may still move from here
                     stale.add(i)
-                gain = max(0.0, result.objective - result.history[0].objective)
+                gain = result.objective - (result.history[0].objective if start is None else start)
                 distance = math.sqrt(max(0.0, mean_norm - 2 * result.objective + norms[i]))
                 distances.append(distance)
                 models_changed += changed > 0

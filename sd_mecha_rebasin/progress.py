@@ -183,7 +183,8 @@ class ManyProgress:
             left = item.visits - item.position
             eta = f"; pass ETA {_duration(self.pass_seconds / item.position * left)}" if left else ""
             self._line(
-                f"pass {item.pass_index}, model {item.position} of {item.visits} ({self.names[item.model]}): "
+                f"pass {item.pass_index}, model {item.model + 1} of {len(self.names)} ({self.names[item.model]}; "
+                f"{item.position} of {item.visits} to align in this pass): "
                 f"gain {item.gain:+.6g}, {item.changed} permutation(s) changed, {item.sweeps} sweep(s), "
                 f"distance to the others {item.distance:.6g}, {item.seconds:.1f} s{eta}"
             )

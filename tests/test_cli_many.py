@@ -58,7 +58,8 @@ def test_merge_many_writes_the_aligned_mean_with_metadata(inputs, tmp_path, caps
     out = tmp_path / "many.safetensors"
     rc, stdout, err = run_cli(capsys, "merge-many", *paths, "-o", out, "--threads", "2")
     assert rc == 0, err
-    assert "pass 1, model 1 of 2" in err and "pass ETA" in err
+    assert "pass 1, model 2 of 3 (m2.safetensors; " in err or "pass 1, model 3 of 3 (m3.safetensors; " in err
+    assert "1 of 2 to align in this pass" in err and "pass ETA" in err
     assert f"wrote {out}" in stdout and "converged" in stdout
     merged = load_file(out)
     first = load_file(paths[0])

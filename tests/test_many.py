@@ -145,7 +145,9 @@ def test_objective_never_decreases_and_matches_its_definition():
         for j in range(i + 1, N)
     )
     assert objectives[-1] == pytest.approx(pairwise, rel=1e-5)
-    assert all(s.gain >= 0 for s in steps if hasattr(s, "gain"))
+    gains = [s.gain for s in steps if hasattr(s, "gain")]
+    assert all(g >= -1e-9 * abs(objectives[-1]) for g in gains)
+    assert gains[0] > 0  # a first visit counts from the model's own basis
 
 
 def test_threads_one_and_two_give_identical_results():
