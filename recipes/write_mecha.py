@@ -14,8 +14,10 @@ import pathlib
 import add_difference_rebasin
 import align_many
 import block_weights_rebasin
+import merge_many
 import rebasin_average
 import sd_mecha
+import ties_many
 import ties_rebasin
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -31,9 +33,12 @@ RECIPES = {
         functools.partial(block_weights_rebasin.recipe, config="sd1-ldm"),
         ["A.safetensors", "B.safetensors"],
     ),
+    "merge_many": (merge_many.recipe, ["M1.safetensors", "M2.safetensors", "M3.safetensors"]),
+    "ties_many": (ties_many.recipe, ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
 }
 
 HEADER = "# needs `import sd_mecha_rebasin` before sd_mecha.deserialize: it registers the merge method git_rebasin"
+HEADER_MANY = HEADER.replace("git_rebasin", "git_rebasin_many")
 
 
 def mecha_text(stem: str) -> str:
@@ -43,7 +48,8 @@ def mecha_text(stem: str) -> str:
     module = getattr(fn, "func", fn).__module__
     models_line = f"# models: {' '.join(models)} ({module}.py)"
     # no newline at the end: sd-mecha 1.1.8 fails on an empty line
-    return "\n".join([version, HEADER, models_line, *lines])
+    header = HEADER_MANY if "git_rebasin_many" in "\n".join(lines) else HEADER
+    return "\n".join([version, header, models_line, *lines])
 
 
 def main() -> None:

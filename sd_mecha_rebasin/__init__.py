@@ -7,8 +7,10 @@ conversion of SD1 block weights to sd2-ldm keys (`blocks`).
 """
 
 from .architectures import permutation_spec
+from .many import ManyResult, ModelStep, PassStats, merge_many, merged_tensors
 from .matching import MatchResult, SweepStats, weight_matching
 from .merge_method import rebasin
+from .merge_method_many import rebasin_many
 from .model_configs import register_model_configs
 from .spec import Permutations, PermutationSpec, apply_permutation, random_permutation
 from .variants import fill_input_channels
@@ -18,15 +20,21 @@ register_model_configs()
 from . import blocks, mecha_interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
 
 __all__ = [
+    "ManyResult",
     "MatchResult",
+    "ModelStep",
+    "PassStats",
     "PermutationSpec",
     "Permutations",
     "SweepStats",
     "apply_permutation",
     "fill_input_channels",
+    "merge_many",
+    "merged_tensors",
     "permutation_spec",
     "random_permutation",
     "rebasin",
+    "rebasin_many",
     "register_model_configs",
     "weight_matching",
 ]

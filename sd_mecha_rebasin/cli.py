@@ -242,6 +242,81 @@ def align(
     return 0
 
 
+@cli.command("merge-many")
+@click.argument("models", metavar="M1 M2 ... MN", nargs=-1, type=click.Path(path_type=pathlib.Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=pathlib.Path),
+    help="Output .safetensors file (never overwritten without --overwrite).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    metavar="w1,...,wN",
+    help="Weight of each model (normalised to sum 1), for the means models align to and for the output. "
+    "Default: equal.",
+)
+@click.option(
+    "--ref",
+    type=click.Path(path_type=pathlib.Path),
+    default=None,
+    metavar="FILE",
+    help="The input whose basis the output lives in (default: M1); it is never permuted.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Most MergeMany passes (stops earlier when a pass moves no model).",
+)
+@_common_options
+def merge_many_cmd(
+    models: tuple[pathlib.Path, ...],
+    output: pathlib.Path,
+    weights: str | None,
+    ref: pathlib.Path | None,
+    max_passes: int,
+    as_json: bool,
+    **kw: Any,
+) -> int:
+    """Re-base N models into one basis (Git Re-Basin MergeMany) and write their weighted mean.
+
+    Each model is aligned by weight matching to the weighted mean of the others, pass after pass,
+    until no model moves. The output lives in the reference's basis and has its keys, so LoRAs
+    and ControlNets made for the reference's base keep working. Memory does not grow with N.
+    """
+    from .many_job import merge_many_files, parse_weights
+
+    res = merge_many_files(
+        models,
+        output,
+        weights=parse_weights(weights, len(models)),
+        ref=ref if ref is not None else 0,
+        max_passes=max_passes,
+        options=_options(kw),
+    )
+    if as_json:
+        click.echo(json.dumps(res.summary()))
+    elif not kw["quiet"]:
+        family = FAMILY_NAMES.get(res.config, res.config)
+        click.echo(f"wrote {res.output} ({family}, {len(res.inputs)} models, {_fmt_bytes(res.output_bytes)})")
+        last = res.passes[-1]
+        state = "converged" if res.converged else "stopped at --max-passes"
+        click.echo(
+            f"MergeMany: {len(res.passes)} pass(es), {state}; objective {last.objective:.8g}; "
+            f"reference {res.inputs[res.ref]}; permutations moved per model: "
+            + ", ".join(str(n) for n in res.permutations_changed)
+            + f" of {res.permutations}"
+        )
+        click.echo(
+            f"done in {res.seconds:.1f} s (alignment {res.align_seconds:.1f} s, output {res.output_seconds:.1f} s)"
+        )
+    return 0
+
+
 @cli.command("inspect")
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
 @click.option("-v", "--verbose", is_flag=True, help="List every permutation and every permuted key.")

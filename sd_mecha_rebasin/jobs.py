@@ -196,13 +196,18 @@ def load_inputs(
     validate(a, opts.shapes)
     validate(b, opts.shapes)
     check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
-    for ckpt in (a, b):
-        if ckpt.extra_bytes and not opts.quiet:
+    warn_extra_bytes((a, b), opts.quiet)
+    return a, b, opts
+
+
+def warn_extra_bytes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
+    """One warning per input whose file holds bytes that belong to no tensor (accepted as they are)."""
+    for ckpt in ckpts:
+        if ckpt.extra_bytes and not quiet:
             warn(
                 f"{ckpt.name}: {ckpt.extra_bytes} byte(s) after or between its tensors belong to no tensor; "
                 "ignored (its header describes every tensor)"
             )
-    return a, b, opts
 
 
 def _hash_inputs(paths: Sequence[pathlib.Path], stop: threading.Event) -> dict[str, tuple[str, str]]:
@@ -372,7 +377,7 @@ def run(
                 recipe_target = stack.enter_context(
                     AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
                 )
-            _warn_stale_partials([target, recipe_target], opts.quiet)
+            warn_stale_partials([target, recipe_target], opts.quiet)
             target.check_free_space(expected_output_bytes(mode, a, b, dtype))
             progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
             stack.callback(progress.close)
@@ -563,7 +568,7 @@ def expected_output_bytes(mode: str, a: Checkpoint, b: Checkpoint, dtype: torch.
     return total
 
 
-def _warn_stale_partials(targets: Sequence[AtomicOutput | None], quiet: bool) -> None:
+def warn_stale_partials(targets: Sequence[AtomicOutput | None], quiet: bool) -> None:
     """Say which partial files of killed runs were removed from the output folders."""
     removed = [path for target in targets if target is not None for path in target.removed_stale]
     if removed and not quiet:

@@ -219,3 +219,65 @@ def capture_logging(quiet: bool) -> Iterator[None]:
         yield
     finally:
         root.removeHandler(handler)
+
+
+class ManyProgress:
+    """Merge-many progress on stderr: one line per model aligned (pass k, model i of N, its gain,
+    permutations changed, ETA of the pass), one per pass, then a bar over the output pass's keys.
+
+    Called with `many.ModelStep` / `many.PassStats`; `forward` also receives them (library users).
+    """
+
+    def __init__(self, names: list[str], enabled: bool, forward: Any = None):
+        self.names = names
+        self.enabled = enabled
+        self.forward = forward
+        self.pass_seconds = 0.0
+        self.bar = None
+
+    def _line(self, text: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+
+    def __call__(self, item: Any) -> None:
+        if self.forward is not None:
+            self.forward(item)
+        if hasattr(item, "position"):  # a ModelStep
+            if item.position == 1:
+                self.pass_seconds = 0.0
+            self.pass_seconds += item.seconds
+            left = item.visits - item.position
+            eta = f"; pass ETA {_duration(self.pass_seconds / item.position * left)}" if left else ""
+            self._line(
+                f"pass {item.pass_index}, model {item.model + 1} of {len(self.names)} ({self.names[item.model]}; "
+                f"{item.position} of {item.visits} to align in this pass): "
+                f"gain {item.gain:+.6g}, {item.changed} permutation(s) changed, {item.sweeps} sweep(s), "
+                f"distance to the others {item.distance:.6g}, {item.seconds:.1f} s{eta}"
+            )
+        else:  # a PassStats
+            self._line(
+                f"pass {item.pass_index} done: {item.models_changed} of {item.aligned} model(s) moved, "
+                f"objective {item.objective:.8g}, mean distance {item.mean_distance:.6g}, {item.seconds:.1f} s"
+            )
+
+    def output_pass(self, keys: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=keys, desc="weighted mean", unit="key", file=sys.stderr, leave=False)
+
+    def key_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

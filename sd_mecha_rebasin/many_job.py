@@ -1,0 +1,421 @@
+"""The merge-many job: N checkpoint files re-based into the reference's basis and averaged, to a file.
+
+`merge_many_files(paths, output, ...)` checks every file from its header first (family, layout,
+NaN/Inf), then runs MergeMany (`many.merge_many`) on lazily read inputs, writes the weighted mean of
+the aligned models key by key (`many.merged_tensors`), keeps the reference's other keys as the pair
+merge does (`jobs.assemble`), and writes the output atomically with metadata naming every input and
+its sha256. Every problem the user can fix is a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .checkpoint import (
+    FAMILY_NAMES,
+    Checkpoint,
+    UserError,
+    check_finite,
+    check_pair,
+    detect_family,
+    is_merged_key,
+    open_checkpoint,
+    register_pickle_format,
+    release_pickles,
+    validate,
+)
+from .jobs import (
+    DEMO_LAYOUT,
+    DEMO_LAYOUT_KEY,
+    DTYPES,
+    RunOptions,
+    _hash_inputs,
+    _perm_spec,
+    assemble,
+    check_device,
+    expected_output_bytes,
+    warn_extra_bytes,
+    warn_stale_partials,
+)
+from .lazy import FileStateDict
+from .many import DEFAULT_MAX_PASSES, ModelStep, PassStats, check_weights, merge_many, merged_tensors
+from .output import PACKAGE, AtomicOutput, _inherited_models, _input_record, anonymize_recipe, modelspec
+from .progress import ManyProgress, capture_logging, warn
+from .variants import VARIANTS, input_channels
+
+
+@dataclasses.dataclass
+class ManyRunResult:
+    """What a merge-many did (the --json summary is built from it)."""
+
+    output: pathlib.Path
+    config: str
+    inputs: list[str]
+    weights: list[float]
+    ref: int
+    passes: list[PassStats]
+    converged: bool
+    permutations: int
+    permutations_changed: list[int]
+    """Per input, its permutations that are not the identity (the reference's: 0)."""
+    align_seconds: float
+    output_seconds: float
+    seconds: float
+    output_bytes: int
+    kept: dict[str, int]
+    left_out: int
+
+    def summary(self) -> dict[str, Any]:
+        from .jobs import peak_rss_bytes
+
+        out = {
+            "command": "merge-many",
+            "output": str(self.output),
+            "family": FAMILY_NAMES.get(self.config, self.config),
+            "config": self.config,
+            "inputs": self.inputs,
+            "weights": self.weights,
+            "ref": self.inputs[self.ref],
+            "converged": self.converged,
+            "passes": [dataclasses.asdict(p) for p in self.passes],
+            "permutations": self.permutations,
+            "permutations_changed": self.permutations_changed,
+            "align_seconds": round(self.align_seconds, 3),
+            "output_seconds": round(self.output_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "output_bytes": self.output_bytes,
+            "kept_keys": self.kept,
+            "left_out_keys": self.left_out,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        return out
+
+
+def parse_weights(text: str | None, n: int) -> list[float] | None:
+    """`"w1,...,wN"` -> floats (None stays None); UserError (usage) for a bad list."""
+    if text is None:
+        return None
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--weights {text!r}: expected {n} comma-separated numbers", exit_code=2) from None
+    return weights
+
+
+def _check_weights(weights: Sequence[float] | None, n: int, ref: int) -> list[float]:
+    try:
+        return check_weights(weights, n, ref)
+    except ValueError as e:
+        raise UserError(f"--weights: {e}", exit_code=2) from None
+
+
+def _odd_family(ckpts: Sequence[Checkpoint], ref: int) -> None:
+    """UserError naming the first file whose family differs from most inputs' (ties: the reference's)."""
+    counts = collections.Counter(c.config for c in ckpts)
+    top = max(counts.values())
+    majority = ckpts[ref].config if counts[ckpts[ref].config] == top else counts.most_common(1)[0][0]
+    for ckpt in ckpts:
+        if ckpt.config != majority:
+            example = next(c for c in ckpts if c.config == majority)
+            raise UserError(
+                f"is {ckpt.family} ({ckpt.config}) but {example.name} is {example.family} ({majority})"
+                f"{' like the other inputs' if counts[majority] > 1 else ''}; all models must be of the same family",
+                ckpt.path,
+            )
+
+
+def load_many(
+    paths: Sequence[pathlib.Path], ref: int, opts: RunOptions
+) -> tuple[list[Checkpoint], RunOptions]:
+    """Open, identify and validate every input from its header; warn about a file given twice."""
+    register_pickle_format()
+    ckpts = []
+    for path in paths:
+        ckpt = open_checkpoint(path)
+        detect_family(ckpt)
+        ckpts.append(ckpt)
+    _odd_family(ckpts, ref)
+    for ckpt in ckpts:
+        if ckpt is not ckpts[ref]:
+            check_pair(ckpts[ref], ckpt)
+    if opts.shapes is None and any(c.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT for c in ckpts):
+        from .demo import SMALL_ARCH, small_shapes
+
+        opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
+    for ckpt in ckpts:
+        validate(ckpt, opts.shapes)
+    _same_variant(ckpts, ref)
+    warn_extra_bytes(ckpts, opts.quiet)
+    seen: dict[tuple[int, int], int] = {}
+    for i, ckpt in enumerate(ckpts):
+        stat = ckpt.path.stat()
+        first = seen.setdefault((stat.st_dev, stat.st_ino), i)
+        if first != i and not opts.quiet:
+            warn(f"{ckpt.name} is given twice (inputs {first + 1} and {i + 1}): it counts twice in the mean")
+    return ckpts, opts
+
+
+def _same_variant(ckpts: Sequence[Checkpoint], ref: int) -> None:
+    """Refuse inputs whose UNet takes another number of input channels than the reference's
+    (inpainting 9, instruct-pix2pix 8, plain 4): their mean has no meaning for the extra channels."""
+    want = input_channels(ckpts[ref].canonical_shapes())
+    for ckpt in ckpts:
+        have = input_channels(ckpt.canonical_shapes())
+        if have != want:
+            raise UserError(
+                f"is a {VARIANTS.get(have, f'{have}-channel')} model ({have} UNet input channels) but the "
+                f"reference {ckpts[ref].name} is a {VARIANTS.get(want, f'{want}-channel')} model ({want}): "
+                "merge-many takes models of one kind (merge an inpainting model with a plain one with "
+                "`sd-rebasin merge`, the inpainting model first)",
+                ckpt.path,
+            )
+
+
+def _metadata(
+    ckpts: Sequence[Checkpoint],
+    ref: int,
+    weights: Sequence[float],
+    hashes: dict[str, tuple[str, str]],
+    output: pathlib.Path,
+    params: dict[str, Any],
+    mecha_recipe: str | None,
+) -> dict[str, str]:
+    try:
+        from importlib.metadata import version
+
+        pkg_version = version(PACKAGE)
+    except Exception:  # noqa: BLE001 - metadata is best effort
+        pkg_version = "unknown"
+    config = ckpts[ref].config
+    assert config is not None
+    shas = [hashes.get(c.name, (None, None))[0] for c in ckpts]
+    recipe = {
+        "type": PACKAGE,
+        "version": pkg_version,
+        "method": "git_rebasin_many(M1, ..., MN)",
+        "interp_method": "Git Re-Basin MergeMany",
+        "models": [c.name for c in ckpts],
+        "model_hashes": shas,
+        "weights": list(weights),
+        "reference": ckpts[ref].name,
+        **params,
+    }
+    models: dict[str, Any] = {}
+    for ckpt in ckpts:
+        models.update(_inherited_models(ckpt))
+    for ckpt, sha in zip(ckpts, shas):
+        if sha:
+            models[sha] = _input_record(ckpt, sha, hashes[ckpt.name][1])
+    terms = " + ".join(f"{w:.4g} * pi({c.name})" for c, w in zip(ckpts, weights))
+    meta: dict[str, str] = {}
+    if mecha_recipe:
+        meta["mecha_recipe"] = mecha_recipe
+    meta["sd_merge_recipe"] = json.dumps(recipe)
+    meta["sd_merge_models"] = json.dumps(models)
+    meta.update(
+        modelspec(
+            config,
+            ckpts[ref],
+            output.stem,
+            merged_from=[c.name for c in ckpts],
+            description=f"Git Re-Basin MergeMany by {PACKAGE} {pkg_version}: {terms}, "
+            f"every pi aligning into the basis of {ckpts[ref].name}",
+            prediction_type="v" if "v_pred" in ckpts[ref].canonical.values() else None,
+        )
+    )
+    return meta
+
+
+def recipe_text(
+    ckpts: Sequence[Checkpoint], weights: Sequence[float], ref: int, max_passes: int, opts: RunOptions
+) -> str:
+    """The merge as an sd-mecha recipe (`git_rebasin_many` over the inputs), model paths as file names."""
+    import sd_mecha
+
+    from .merge_method_many import rebasin_many
+
+    nodes = [sd_mecha.model(str(c.path.resolve()), c.config) for c in ckpts]
+    node = rebasin_many(
+        *nodes,
+        weights=",".join(repr(float(w)) for w in weights),
+        ref=ref,
+        max_passes=max_passes,
+        iters=opts.iters,
+        seed=opts.seed,
+        threads=opts.threads,
+        device=opts.device,
+        precision=opts.precision,
+    )
+    text = sd_mecha.serialize(node, finalize=False)
+    return anonymize_recipe(text, {str(c.path.resolve()): c.name for c in ckpts})
+
+
+def merge_many_files(
+    paths: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    ref: int | str | os.PathLike = 0,
+    max_passes: int = DEFAULT_MAX_PASSES,
+    options: RunOptions | None = None,
+    on_progress: Callable[[ModelStep | PassStats], None] | None = None,
+) -> ManyRunResult:
+    """Write the weighted mean of N checkpoints, each re-based into the reference's basis, to `output`.
+
+    `ref` is an index into `paths` or one of the paths (default: the first). The output has the
+    reference's keys (EMA weights, buffers and markers kept from it as `jobs.assemble` says) and
+    lives in its basis. Memory: one float32 copy of the permuted weights plus one model, whatever
+    N (see `many.merge_many`). Raises `UserError` for fewer than 2 files, bad weights, a `ref` that
+    is not an input, mixed families (naming the odd file and both families), bad files, NaN/Inf,
+    or an output that is an input or exists (without `overwrite`).
+    """
+    opts = options or RunOptions()
+    t0 = time.perf_counter()
+    paths = [pathlib.Path(p) for p in paths]
+    output = pathlib.Path(output)
+    if len(paths) < 2:
+        raise UserError(f"merge-many needs at least 2 models, got {len(paths)}", exit_code=2)
+    if not isinstance(ref, int):
+        ref_path = pathlib.Path(ref)
+        matches = [i for i, p in enumerate(paths) if p.resolve() == ref_path.resolve()]
+        if not matches:
+            raise UserError("--ref is not one of the input models", ref_path, exit_code=2)
+        ref = matches[0]
+    w = _check_weights(weights, len(paths), ref)
+    opts = dataclasses.replace(opts, device=check_device(opts.device))
+    dtype = DTYPES[opts.output_dtype]
+    ckpts, opts = load_many(paths, ref, opts)
+    for ckpt in ckpts:
+        if output.resolve() == ckpt.path.resolve():
+            raise UserError("is an input; choose another output file", output)
+    demo_layout = any(c.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT for c in ckpts)
+    config = ckpts[ref].config
+    assert config is not None
+    stop_hashing = threading.Event()
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-rebasin-hash")
+    progress = ManyProgress(
+        [c.name for c in ckpts], enabled=opts.progress and not opts.quiet, forward=on_progress
+    )
+    try:
+        hashes = hasher.submit(_hash_inputs, paths, stop_hashing) if opts.metadata else None
+        with contextlib.ExitStack() as stack:
+            target = stack.enter_context(AtomicOutput(output, overwrite=opts.overwrite))
+            recipe_target = None
+            if opts.save_recipe is not None:
+                recipe_target = stack.enter_context(
+                    AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
+                )
+            warn_stale_partials([target, recipe_target], opts.quiet)
+            target.check_free_space(expected_output_bytes("merge", ckpts[ref], ckpts[ref], dtype))
+            mecha = recipe_text(ckpts, w, ref, max_passes, opts)
+            for ckpt in ckpts:
+                check_finite(ckpt, threads=opts.threads or 0)
+            spec = _perm_spec(config, opts)
+            models = [FileStateDict(c) for c in ckpts]
+            t_align = time.perf_counter()
+            with capture_logging(opts.quiet):
+                result = merge_many(
+                    spec,
+                    models,
+                    weights=w,
+                    ref=ref,
+                    max_passes=max_passes,
+                    max_iter=opts.iters,
+                    seed=opts.seed,
+                    threads=opts.threads or None,
+                    device=opts.device,
+                    precision=opts.precision,
+                    on_progress=progress,
+                )
+            align_seconds = time.perf_counter() - t_align
+            t_out = time.perf_counter()
+            base = ckpts[ref]
+            merged_keys = [
+                base.canonical.get(k, k)
+                for k in base.shapes
+                if is_merged_key(config, base.canonical.get(k, k), base.dtypes[k])
+                and all(base.canonical.get(k, k) in m for m in models)
+            ]
+            progress.output_pass(len(merged_keys))
+            merged = {}
+            for key, value in merged_tensors(
+                spec,
+                models,
+                result.perms,
+                weights=w,
+                keys=merged_keys,
+                dtype=dtype,
+                threads=opts.threads or None,
+            ):
+                merged[key] = value
+                progress.key_done()
+            other = ckpts[1] if ref == 0 else ckpts[0]
+            tensors, kept, _ = assemble("merge", base, other, merged, dtype, None, opts)
+            merged.clear()
+            base_keys = set(tensors)
+            left_out = len({c.canonical.get(k, k) for c in ckpts for k in c.shapes} - base_keys)
+            if left_out and not opts.quiet:
+                warn(
+                    f"{left_out} key(s) not in {base.name} left out (the output has the keys of the reference)"
+                )
+            metadata = None
+            if opts.metadata:
+                metadata = _metadata(
+                    ckpts,
+                    ref,
+                    w,
+                    hashes.result() if hashes is not None else {},
+                    output,
+                    {
+                        "passes": result.passes,
+                        "converged": result.converged,
+                        "iters": opts.iters,
+                        "seed": opts.seed,
+                        "output_dtype": opts.output_dtype,
+                        "config_source": config,
+                    },
+                    mecha,
+                )
+                if demo_layout:
+                    metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
+            size = target.commit(tensors, metadata)
+            del tensors
+            if recipe_target is not None:
+                recipe_target.commit_text(mecha)  # no final newline: sd-mecha 1.1.8 cannot parse one
+            output_seconds = time.perf_counter() - t_out
+    finally:
+        progress.close()
+        stop_hashing.set()
+        hasher.shutdown(wait=False, cancel_futures=True)
+        release_pickles()
+    changed = [
+        sum(1 for p in perms.values() if not all(int(v) == j for j, v in enumerate(p)))
+        for perms in result.perms
+    ]
+    return ManyRunResult(
+        output=output,
+        config=config,
+        inputs=[c.name for c in ckpts],
+        weights=w,
+        ref=ref,
+        passes=result.history,
+        converged=result.converged,
+        permutations=len(spec.spaces),
+        permutations_changed=changed,
+        align_seconds=align_seconds,
+        output_seconds=output_seconds,
+        seconds=time.perf_counter() - t0,
+        output_bytes=size,
+        kept=kept,
+        left_out=left_out,
+    )

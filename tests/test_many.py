@@ -1,0 +1,250 @@
+"""MergeMany (Git Re-Basin, Algorithm 3) on tiny models of every layout: recovery, quality, invariances."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from support.layouts import arch_overrides, key_shapes, random_state_dict
+
+from sd_mecha_rebasin import (
+    apply_permutation,
+    merge_many,
+    merged_tensors,
+    permutation_spec,
+    random_permutation,
+    weight_matching,
+)
+from sd_mecha_rebasin.checkpoint import detect_family, open_checkpoint
+from sd_mecha_rebasin.lazy import FileStateDict
+from sd_mecha_rebasin.many import compose
+from sd_mecha_rebasin.spec import invert
+
+FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
+N = 4
+NOISE = 0.01
+
+
+def tiny_spec(family: str):
+    shapes = key_shapes(family, "tiny")
+    return permutation_spec(FAMILIES[family], arch=arch_overrides(family, "tiny"), shapes=shapes), shapes
+
+
+def add_noise(sd: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """Fine-tune-like noise: `scale` times each tensor's std."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point() and v.numel() > 1:
+            out[k] = v + scale * v.std() * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys))
+
+
+def same_perms(p, q) -> bool:
+    return p.keys() == q.keys() and all(np.array_equal(p[n], q[n]) for n in p)
+
+
+class Case:
+    """N models: model i = hidden_i(base + noise_i), every hidden_i a different random legal permutation."""
+
+    def __init__(self, family: str, n: int = N, noise: float = NOISE):
+        self.family = family
+        self.spec, self.shapes = tiny_spec(family)
+        self.base = random_state_dict(self.shapes, seed=11)
+        self.noisy = [add_noise(self.base, noise, seed=100 + i) for i in range(n)]
+        self.hidden = [random_permutation(self.spec, seed=7 + i) for i in range(n)]
+        self.models = [apply_permutation(self.spec, h, sd) for h, sd in zip(self.hidden, self.noisy)]
+        self.keys = [k for k in self.spec.axes if k in self.base]
+
+    def expected(self, i: int, ref: int = 0):
+        """The permutation that takes model i into model `ref`'s basis."""
+        return compose(invert(self.hidden[i]), self.hidden[ref])
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def case(request):
+    c = Case(request.param)
+    c.result = merge_many(c.spec, c.models, threads=2)
+    return c
+
+
+def test_recovers_every_permutation_relative_to_the_reference(case):
+    assert case.result.converged
+    assert len(case.result.perms) == N
+    for i in range(N):
+        wrong = [
+            n for n in case.spec.spaces if not np.array_equal(case.result.perms[i][n], case.expected(i)[n])
+        ]
+        assert not wrong, f"model {i}: {len(wrong)} permutations not recovered, e.g. {wrong[0]}"
+
+
+def test_reference_permutation_is_the_identity(case):
+    for name, p in case.result.perms[0].items():
+        assert np.array_equal(p, np.arange(len(p))), name
+
+
+def test_merge_is_the_base_up_to_the_averaged_noise(case):
+    spec, keys = case.spec, case.keys
+    merged = dict(merged_tensors(spec, case.models, case.result.perms, keys=keys, threads=2))
+    in_ref_basis = apply_permutation(spec, case.hidden[0], case.base)
+    mean_noisy = {k: sum(sd[k] for sd in case.noisy) / N for k in keys}
+    ideal = distance(apply_permutation(spec, case.hidden[0], mean_noisy), in_ref_basis, keys)
+    ours = distance(merged, in_ref_basis, keys)
+    plain = distance({k: sum(m[k] for m in case.models) / N for k in keys}, in_ref_basis, keys)
+    assert ideal > 0
+    assert ours <= 1.01 * ideal, (ours, ideal)
+    assert plain > 20 * ideal, (plain, ideal)
+
+
+def test_output_pass_matches_the_definition(case):
+    spec = case.spec
+    weights = [0.4, 0.1, 0.2, 0.3]
+    keys = case.keys[:7] + [k for k in case.base if k not in spec.axes][:3]
+    got = dict(merged_tensors(spec, case.models, case.result.perms, weights=weights, keys=keys, threads=1))
+    assert list(got) == keys
+    for k in keys:
+        want = sum(
+            w * apply_permutation(spec, p, {k: m[k]})[k]
+            for w, p, m in zip(weights, case.result.perms, case.models)
+        )
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_objective_never_decreases_and_matches_its_definition():
+    """Unrelated models (no hidden optimum): several passes move; each pass's objective >= the last."""
+    spec, shapes = tiny_spec("sd1")
+    models = [random_state_dict(shapes, seed=300 + i) for i in range(N)]
+    weights = [0.4, 0.3, 0.2, 0.1]
+    steps = []
+    result = merge_many(
+        spec, models, weights=weights, threads=2, max_iter=2, max_passes=3, on_progress=steps.append
+    )
+    objectives = [s.objective for s in result.history]
+    assert len(objectives) >= 2
+    assert result.history[1].models_changed > 0  # the second pass really moved models
+    for before, after in zip(objectives, objectives[1:]):
+        assert after >= before - 1e-9 * abs(before), objectives
+    assert objectives[-1] > objectives[0]
+    # The last objective recomputed from the permutations: sum_{i<j} w_i w_j <pi_i M_i, pi_j M_j>.
+    keys = [k for k in spec.axes if k in models[0]]
+    aligned = [apply_permutation(spec, p, {k: m[k] for k in keys}) for p, m in zip(result.perms, models)]
+    pairwise = sum(
+        weights[i]
+        * weights[j]
+        * sum(float((aligned[i][k].double() * aligned[j][k].double()).sum()) for k in keys)
+        for i in range(N)
+        for j in range(i + 1, N)
+    )
+    assert objectives[-1] == pytest.approx(pairwise, rel=1e-5)
+    gains = [s.gain for s in steps if hasattr(s, "gain")]
+    assert all(g >= -1e-9 * abs(objectives[-1]) for g in gains)
+    assert gains[0] > 0  # a first visit counts from the model's own basis
+
+
+def test_threads_one_and_two_give_identical_results():
+    spec, shapes = tiny_spec("sd1")
+    models = [random_state_dict(shapes, seed=400 + i) for i in range(3)]
+    one = merge_many(spec, models, threads=1, max_iter=2, max_passes=2)
+    two = merge_many(spec, models, threads=2, max_iter=2, max_passes=2)
+    assert all(same_perms(p, q) for p, q in zip(one.perms, two.perms))
+    assert [s.models_changed for s in one.history] == [s.models_changed for s in two.history]
+    assert [s.objective for s in one.history] == pytest.approx([s.objective for s in two.history], rel=1e-9)
+
+
+def test_same_permutations_whatever_the_order_of_the_other_inputs():
+    c = Case("sd1")
+    base = merge_many(c.spec, c.models, threads=2, seed=3)
+    order = [0, 2, 3, 1]
+    shuffled = merge_many(c.spec, [c.models[i] for i in order], threads=2, seed=3)
+    for position, i in enumerate(order):
+        assert same_perms(shuffled.perms[position], base.perms[i])
+
+
+@pytest.mark.parametrize("noise", [0.01, 1.0], ids=["related", "unrelated"])
+def test_two_models_give_the_pair_merge(noise):
+    c = Case("sd2", n=2, noise=noise)
+    many = merge_many(c.spec, c.models, weights=[0.7, 0.3], threads=2, seed=5)
+    pair = weight_matching(c.spec, c.models[0], c.models[1], threads=2, seed=5)
+    assert same_perms(many.perms[1], pair.perms)
+    assert len(many.history) == 1  # nothing else moved: model 1's target cannot change
+    if noise == 0.01:
+        assert same_perms(many.perms[1], c.expected(1))
+
+
+def test_another_reference_puts_the_output_in_its_basis():
+    c = Case("sd1", n=3)
+    result = merge_many(c.spec, c.models, ref=2, threads=2)
+    for i in range(3):
+        assert same_perms(result.perms[i], c.expected(i, ref=2))
+
+
+def test_lazy_files_give_the_same_result(tmp_path):
+    c = Case("sd1", n=3)
+    lazy = []
+    for i, sd in enumerate(c.models):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
+        ckpt = open_checkpoint(path)
+        detect_family(ckpt)
+        lazy.append(FileStateDict(ckpt))
+    half = [{k: v.to(torch.float16) for k, v in sd.items()} for sd in c.models]
+    from_files = merge_many(c.spec, lazy, threads=2)
+    from_dicts = merge_many(c.spec, half, threads=2)
+    assert all(same_perms(p, q) for p, q in zip(from_files.perms, from_dicts.perms))
+    assert all(same_perms(from_files.perms[i], c.expected(i)) for i in range(3))
+    key = c.keys[0]
+    assert lazy[1][key].dtype == torch.float16
+    assert torch.equal(lazy[1][key], half[1][key])
+    lazy[1][key].zero_()  # each read is a fresh tensor: the next read is unchanged
+    assert torch.equal(lazy[1][key], half[1][key])
+    for key, value in merged_tensors(c.spec, lazy, from_files.perms, keys=c.keys[:3], dtype=torch.float16):
+        assert value.dtype == torch.float16
+        want = merged_tensors(c.spec, half, from_dicts.perms, keys=[key])
+        torch.testing.assert_close(value, next(want)[1].to(torch.float16))
+
+
+def test_inputs_are_never_changed():
+    c = Case("sd1", n=3)
+    copies = [{k: v.clone() for k, v in sd.items()} for sd in c.models]
+    merge_many(c.spec, c.models, threads=2)
+    for sd, copy in zip(c.models, copies):
+        assert all(torch.equal(sd[k], copy[k]) for k in sd)
+
+
+@pytest.mark.parametrize(
+    ("n", "kwargs", "message"),
+    [
+        (1, {}, "at least 2 models, got 1"),
+        (3, {"weights": [0.5, 0.5]}, "got 2 weights for 3 models"),
+        (3, {"weights": [0.5, -0.1, 0.6]}, "weight 2 is -0.1"),
+        (3, {"weights": [0.5, float("nan"), 0.6]}, "weight 2 is nan"),
+        (3, {"weights": [0.0, 0.0, 0.0]}, "the weights sum to 0"),
+        (3, {"weights": [0.0, 0.5, 0.5]}, "the reference (model 1) has weight 0"),
+        (3, {"ref": 3}, "reference index 3 is out of range for 3 models"),
+        (3, {"max_passes": 0}, "max_passes must be >= 1"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(n, kwargs, message):
+    spec, shapes = tiny_spec("sd1")
+    models = [random_state_dict(shapes, seed=i) for i in range(n)]
+    with pytest.raises(ValueError) as info:
+        merge_many(spec, models, **kwargs)
+    assert message in str(info.value)
+
+
+def test_a_model_missing_a_permuted_key_is_refused():
+    spec, shapes = tiny_spec("sd1")
+    models = [random_state_dict(shapes, seed=i) for i in range(2)]
+    key = next(iter(spec.axes))
+    del models[1][key]
+    with pytest.raises(ValueError, match=f"model 2 lacks {key}"):
+        merge_many(spec, models)
