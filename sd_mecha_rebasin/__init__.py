@@ -4,6 +4,7 @@ Importing the package registers the `sd2-ldm` model config with sd-mecha.
 """
 
 from .architectures import permutation_spec
+from .many import ManyResult, ModelStep, PassStats, merge_many, merged_tensors
 from .matching import MatchResult, SweepStats, weight_matching
 from .merge_method import rebasin
 from .model_configs import register_model_configs
@@ -12,11 +13,16 @@ from .spec import Permutations, PermutationSpec, apply_permutation, random_permu
 register_model_configs()
 
 __all__ = [
+    "ManyResult",
     "MatchResult",
+    "ModelStep",
+    "PassStats",
     "PermutationSpec",
     "Permutations",
     "SweepStats",
     "apply_permutation",
+    "merge_many",
+    "merged_tensors",
     "permutation_spec",
     "random_permutation",
     "rebasin",
