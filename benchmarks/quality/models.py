@@ -136,7 +136,9 @@ def _unet_names(width: Width) -> tuple[tuple[str, str], ...]:
     pairs = tuple((by_id[id(t)], name) for name, t in converted.items() if id(t) in by_id)
     expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     if len(pairs) != len(ldm) or {d for _, d in pairs} != set(expected):
-        raise KeyError(f"UNet converter: {len(ldm)} LDM keys, {len(pairs)} mapped, {len(expected)} in diffusers")
+        raise KeyError(
+            f"UNet converter: {len(ldm)} LDM keys, {len(pairs)} mapped, {len(expected)} in diffusers"
+        )
     for k, d in pairs:
         if tuple(ldm[k].shape) != expected[d]:
             raise ValueError(f"{k} {tuple(ldm[k].shape)} -> {d} {expected[d]}")
