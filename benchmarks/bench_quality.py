@@ -139,6 +139,8 @@ def run_width(args, width: models.Width, train_data, evals, save) -> dict:
     out["independent"] = pair_regime(width, spec, ind[0], ind[1], evals, args.threads)
     save(out)
 
+    if "finetunes" not in args.regimes:
+        return out
     fts = []
     for classes, seed in zip((LOW, HIGH), args.ft_seeds):
         config = TrainConfig(steps=args.ft_steps, seed=seed, batch=args.batch, lr=args.ft_lr, warmup=5)
@@ -157,7 +159,7 @@ def run_width(args, width: models.Width, train_data, evals, save) -> dict:
     out["finetunes"] = pair_regime(width, spec, fts[0], fts[1], evals, args.threads)
     out["finetunes"]["loss_base"] = out["independent"]["loss_a"]
     save(out)
-    if args.many:
+    if "many" in args.regimes:
         ind += [scratch(3), scratch(4)]
         log(f"{width.name}: MergeMany of {len(ind)}")
         out["many"] = many_regime(width, spec, ind, evals, args.threads)
@@ -247,7 +249,12 @@ def main() -> None:
     )
     p.add_argument("--draws", type=int, default=1, help="(timestep, noise) draws per held-out image")
     p.add_argument("--threads", type=int, default=1, help="torch and matching threads")
-    p.add_argument("--no-many", dest="many", action="store_false", help="skip regime 3 (MergeMany)")
+    p.add_argument(
+        "--regimes",
+        type=lambda s: tuple(s.split(",")),
+        default=("independent", "finetunes", "many"),
+        help="which regimes after `independent` (always run): finetunes, many",
+    )
     p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument(

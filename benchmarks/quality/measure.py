@@ -88,3 +88,12 @@ def units_moved(perms: Mapping[str, np.ndarray]) -> tuple[int, int]:
     """(units whose index a permutation changes, all permuted units), summed over spaces."""
     moved = sum(int((np.asarray(p) != np.arange(len(p))).sum()) for p in perms.values())
     return moved, sum(len(p) for p in perms.values())
+
+
+def relative_change(
+    before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], keys: Sequence[str]
+) -> float:
+    """||after - before|| / ||before|| over the given keys (Frobenius norm of all of them together)."""
+    num = sum(float((after[k].double() - before[k].double()).square().sum()) for k in keys)
+    den = sum(float(before[k].double().square().sum()) for k in keys)
+    return (num / den) ** 0.5
