@@ -187,8 +187,8 @@ def table(results: list[dict]) -> str:
             mean_ind = sum(m["individual"]) / len(m["individual"])
             lines.append(
                 f"| {r['width']} | many (4) | mean {mean_ind:.4f} | n_average {m['plain_average']:.4f} "
-                f"(+{m['plain_average'] - mean_ind:.4f}) | MergeMany {m['merge_many']:.4f} "
-                f"(+{m['merge_many'] - mean_ind:.4f}) | - | - | {', '.join(map(str, m['units_moved']))} |"
+                f"({m['plain_average'] - mean_ind:+.4f}) | MergeMany {m['merge_many']:.4f} "
+                f"({m['merge_many'] - mean_ind:+.4f}) | - | - | {', '.join(map(str, m['units_moved']))} |"
             )
     return "\n".join(lines)
 
@@ -209,9 +209,9 @@ def plot(results: list[dict], path: Path) -> None:
                 ax.axis("off")
                 continue
             x = r[name]
-            ax.plot(x["lambdas"], x["plain"], "o-", ms=3, label=f"plain (barrier {x['barrier_plain']:.3f})")
+            ax.plot(x["lambdas"], x["plain"], "o-", ms=3, label=f"plain (barrier {x['barrier_plain']:.4f})")
             ax.plot(
-                x["lambdas"], x["rebased"], "s-", ms=3, label=f"re-basin (barrier {x['barrier_rebased']:.3f})"
+                x["lambdas"], x["rebased"], "s-", ms=3, label=f"re-basin (barrier {x['barrier_rebased']:.4f})"
             )
             ax.set_title(f"{r['width']}: {title}")
             ax.set_xlabel("lambda  ((1 - lambda) A + lambda B)")
