@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality import data, measure, models  # noqa: E402
 from benchmarks.quality.train import TrainConfig, train  # noqa: E402
 from sd_mecha_rebasin import (  # noqa: E402
+    PermutationSpec,
     apply_permutation,
     merge_many,
     permutation_spec,
@@ -47,7 +49,12 @@ def log(msg: str) -> None:
 
 
 def trained(
-    cache: Path, width: models.Width, tag: str, make, train_data: data.Digits, config: TrainConfig
+    cache: Path,
+    width: models.Width,
+    tag: str,
+    make: Callable[[], models.SDModel],
+    train_data: data.Digits,
+    config: TrainConfig,
 ) -> dict[str, torch.Tensor]:
     """A trained model's sd1-ldm state dict, from the cache or trained now (and cached)."""
     path = (
@@ -72,7 +79,14 @@ def trained(
     return sd
 
 
-def pair_regime(width, spec, a, b, evals, threads) -> dict:
+def pair_regime(
+    width: models.Width,
+    spec: PermutationSpec,
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    evals: measure.EvalSet,
+    threads: int,
+) -> dict:
     """Plain and re-based curves between a and b, barriers, midpoints, units moved."""
     start = time.time()
     result = weight_matching(spec, a, b, seed=0, threads=threads)
@@ -100,7 +114,14 @@ def pair_regime(width, spec, a, b, evals, threads) -> dict:
     }
 
 
-def many_regime(width, spec, sds, evals, threads) -> dict:
+def many_regime(
+    width: models.Width,
+    spec: PermutationSpec,
+    sds: list[dict[str, torch.Tensor]],
+    evals: measure.EvalSet,
+    threads: int,
+) -> dict:
+    """Plain mean of N models vs MergeMany (Git Re-Basin, Alg. 3), and each model's own loss."""
     start = time.time()
     result = merge_many(spec, sds, threads=threads, seed=0)
     match_s = time.time() - start
@@ -119,7 +140,13 @@ def many_regime(width, spec, sds, evals, threads) -> dict:
     }
 
 
-def run_width(args, width: models.Width, train_data, evals, save) -> dict:
+def run_width(
+    args: argparse.Namespace,
+    width: models.Width,
+    train_data: data.Digits,
+    evals: measure.EvalSet,
+    save: Callable[[dict], None],
+) -> dict:
     """All regimes at one width; `save(out)` is called after each regime (partial results survive)."""
     cache = Path(args.cache)
     spec = permutation_spec("sd1-ldm", arch=models.arch(width), shapes=models.ldm_shapes(width))

@@ -158,7 +158,7 @@ def to_ldm(model: SDModel) -> dict[str, torch.Tensor]:
 
 def from_ldm(width: Width, state_dict: dict[str, torch.Tensor]) -> SDModel:
     """An SDModel holding the given `sd1-ldm` weights (shared, not copied: built on the meta device
-    and loaded by assignment). Raises KeyError on a missing or unexpected key."""
+    and loaded by assignment). Raises RuntimeError on a missing or unexpected key (strict load)."""
     with torch.device("meta"):
         model = SDModel(width)
     model.prompts = data.class_prompts()
@@ -166,8 +166,7 @@ def from_ldm(width: Width, state_dict: dict[str, torch.Tensor]) -> SDModel:
     text = {k[len(CLIP_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CLIP_PREFIX)}
     unet = {d: state_dict[k] for k, d in _unet_names(width)}
     for module, sd in ((model.text, text), (model.unet, unet)):
-        result = module.load_state_dict(sd, strict=True, assign=True)
-        del result
+        module.load_state_dict(sd, strict=True, assign=True)
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise RuntimeError(f"tensors left on the meta device: {meta[:5]}")
