@@ -53,7 +53,8 @@ def build_pair(config: str) -> None:
     metadata = sd_mecha.extensions.model_configs.resolve(config).keys()
     bound = bound_keys(config)
     shapes = {
-        k: shape for k, shape in config_shapes(config).items()
+        k: shape
+        for k, shape in config_shapes(config).items()
         if metadata[k].dtype.is_floating_point and (not metadata[k].optional or k in bound)
     }
     spec = permutation_spec(config)
@@ -63,7 +64,10 @@ def build_pair(config: str) -> None:
     b = fine_tuned_permuted_copy(spec, a, random_permutation(spec, seed=1), NOISE, seed=2)
     del a
     save_file(b, str(b_path))
-    print(f"built {a_path.name}, {b_path.name} ({len(shapes)} keys) in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"built {a_path.name}, {b_path.name} ({len(shapes)} keys) in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +106,9 @@ def run_one(kind: str, config: str, out: pathlib.Path, iters: int, device: str =
 
     def sample_rss() -> None:  # which phase holds the peak (sampled every 50 ms)
         while not stop.wait(0.05):
-            phase = "streaming" if "prepass_end" in marks else "pre-pass" if "prepass_start" in marks else "read"
+            phase = (
+                "streaming" if "prepass_end" in marks else "pre-pass" if "prepass_start" in marks else "read"
+            )
             phase_peaks[phase] = max(phase_peaks[phase], _rss_gb())
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
@@ -139,7 +145,9 @@ def _peak_rss_gb() -> float:
     """This process's own peak RSS. Linux's ru_maxrss would also count the parent's RSS at fork."""
     try:
         status = pathlib.Path("/proc/self/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024**2
+        return (
+            int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024**2
+        )
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux, bytes on macOS
 
@@ -206,7 +214,10 @@ def bench(config: str, iters: int, quality: bool, only: list[str] | None = None,
                 f"distance to A x{r['rel_distance']:.4f} of before; sampled peak RSS by phase: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in r["phase_peaks_gb"].items())
             )
-        print(f"{config} {kind:>8}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB{extra}", flush=True)
+        print(
+            f"{config} {kind:>8}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB{extra}",
+            flush=True,
+        )
     for name in ("ours", "ours-bf16"):
         if name not in reports:
             continue
@@ -214,8 +225,10 @@ def bench(config: str, iters: int, quality: bool, only: list[str] | None = None,
         for base in ("plain", "builtin"):
             if base in reports:
                 other = reports[base]
-                print(f"{config} {name} / {base}: wall x{ours['seconds'] / other['seconds']:.2f}, "
-                      f"peak RSS x{ours['peak_rss_gb'] / other['peak_rss_gb']:.2f}")
+                print(
+                    f"{config} {name} / {base}: wall x{ours['seconds'] / other['seconds']:.2f}, "
+                    f"peak RSS x{ours['peak_rss_gb'] / other['peak_rss_gb']:.2f}"
+                )
     if quality:
         ideal = ideal_distance(config)
         print(f"{config}    ideal: ||merge - A|| = {ideal:.2f} (A + noise / 2)")
@@ -233,7 +246,9 @@ def main() -> None:
     parser.add_argument("--kinds", help="comma-separated subset of ours,ours-bf16,plain,builtin")
     parser.add_argument("--no-quality", action="store_true", help="skip the distance of each output to A")
     parser.add_argument("--device", default="cpu", help="torch device of our pre-pass products (cpu, cuda)")
-    parser.add_argument("--child", choices=["build", "ours", "ours-bf16", "plain", "builtin"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["build", "ours", "ours-bf16", "plain", "builtin"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child == "build":
         build_pair(*args.configs)

@@ -20,7 +20,9 @@ from sd_mecha_rebasin.architectures import config_shapes
 from sd_mecha_rebasin.spec import invert, permute_tensor
 
 
-def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def random_weights(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in shapes.items():
@@ -63,22 +65,35 @@ def main() -> None:
     hidden = random_permutation(spec, seed=1)
     model = fine_tuned_permuted_copy(spec, ref, hidden, args.noise, seed=2)
     params = sum(v.numel() for v in ref.values())
-    print(f"{args.config}: {len(spec.spaces)} permutations, {len(ref)} permuted keys, {params / 1e9:.2f} B parameters")
+    print(
+        f"{args.config}: {len(spec.spaces)} permutations, {len(ref)} permuted keys, {params / 1e9:.2f} B parameters"
+    )
     print(f"built the pair in {time.perf_counter() - t0:.1f} s, RSS so far {peak_rss_gb():.1f} GB")
 
     t1 = time.perf_counter()
     result = weight_matching(
-        spec, ref, model, max_iter=args.iters, threads=args.threads, device=args.device,
+        spec,
+        ref,
+        model,
+        max_iter=args.iters,
+        threads=args.threads,
+        device=args.device,
         on_sweep=lambda s: print(
             f"  sweep {s.sweep}: objective {s.objective:.6e} changed {s.changed} solved {s.solved} "
-            f"rel_distance {s.rel_distance:.4f} ({s.seconds:.1f} s)", flush=True),
+            f"rel_distance {s.rel_distance:.4f} ({s.seconds:.1f} s)",
+            flush=True,
+        ),
     )
     wall = time.perf_counter() - t1
     expected = invert(hidden)
     wrong = sum(not np.array_equal(result.perms[n], expected[n]) for n in spec.spaces)
-    print(f"weight_matching: {wall:.1f} s wall, {len(result.history) - 1} sweeps, converged={result.converged}")
-    print(f"recovered {len(spec.spaces) - wrong}/{len(spec.spaces)} permutations; final rel_distance "
-          f"{result.final.rel_distance:.4f}")
+    print(
+        f"weight_matching: {wall:.1f} s wall, {len(result.history) - 1} sweeps, converged={result.converged}"
+    )
+    print(
+        f"recovered {len(spec.spaces) - wrong}/{len(spec.spaces)} permutations; final rel_distance "
+        f"{result.final.rel_distance:.4f}"
+    )
     print(f"peak RSS {peak_rss_gb():.1f} GB (two fp16 models held: {2 * params * 2 / 1e9:.1f} GB)")
 
 

@@ -1,0 +1,326 @@
+"""Does re-basin make merges better? Loss barriers of trained SD1-layout models (issue 12).
+
+    python benchmarks/bench_quality.py [--widths 16,32] [--steps 300] [--ft-steps 100] [--threads 1]
+
+Trains (or loads from .bench_cache/quality/) small models in sd-mecha's `sd1-ldm` key layout on
+scikit-learn's digits (see benchmarks/quality/), then measures on held-out digits with fixed
+timesteps and noise, per width:
+
+1. independent: two models from different seeds (init and data order); loss of
+   (1 - lambda) A + lambda B at 25 lambdas, plain and with B aligned to A by weight matching;
+2. fine-tunes: model 1 fine-tuned on digits 0-4 and, separately, on 5-9; same two curves;
+3. many: four independent models, plain average vs MergeMany (Git Re-Basin, Alg. 3).
+
+Each width can run in its own process (`--widths 16` and `--widths 32` side by side); each writes
+benchmarks/results/quality_c<W>.json, then the table, quality.json and quality.png of every width
+found there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import data, measure, models  # noqa: E402
+from benchmarks.quality.train import TrainConfig, train  # noqa: E402
+from sd_mecha_rebasin import (  # noqa: E402
+    PermutationSpec,
+    apply_permutation,
+    merge_many,
+    permutation_spec,
+    weight_matching,
+)
+
+LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def trained(
+    cache: Path,
+    width: models.Width,
+    tag: str,
+    make: Callable[[], models.SDModel],
+    train_data: data.Digits,
+    config: TrainConfig,
+) -> dict[str, torch.Tensor]:
+    """A trained model's sd1-ldm state dict, from the cache or trained now (and cached)."""
+    path = (
+        cache
+        / f"{width.name}_{tag}_s{config.steps}_b{config.batch}_lr{config.lr:g}_seed{config.seed}.safetensors"
+    )
+    if path.exists():
+        log(f"{width.name} {tag}: cached {path.name}")
+        return load_file(path)
+    start = time.time()
+    model = make()
+    losses = train(model, train_data, config)
+    sd = models.to_ldm(model)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, tmp)
+    tmp.rename(path)
+    tail = sum(losses[-20:]) / len(losses[-20:])
+    log(
+        f"{width.name} {tag}: trained {config.steps} steps in {time.time() - start:.0f} s, last-20 loss {tail:.4f}"
+    )
+    return sd
+
+
+def pair_regime(
+    width: models.Width,
+    spec: PermutationSpec,
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    evals: measure.EvalSet,
+    threads: int,
+) -> dict:
+    """Plain and re-based curves between a and b, barriers, midpoints, units moved."""
+    start = time.time()
+    result = weight_matching(spec, a, b, seed=0, threads=threads)
+    match_s = time.time() - start
+    b_aligned = apply_permutation(spec, result.perms, b)
+    moved, total = measure.units_moved(result.perms)
+    plain = measure.curve(width, a, b, evals)
+    rebased = measure.curve(width, a, b_aligned, evals)
+    mid = len(measure.LAMBDAS) // 2
+    return {
+        "lambdas": list(measure.LAMBDAS),
+        "plain": plain,
+        "rebased": rebased,
+        "barrier_plain": measure.barrier(plain),
+        "barrier_rebased": measure.barrier(rebased),
+        "midpoint_plain": plain[mid],
+        "midpoint_rebased": rebased[mid],
+        "loss_a": plain[0],
+        "loss_b": plain[-1],
+        "units_moved": moved,
+        "units_total": total,
+        "rel_distance": result.rel_distance,
+        "sweeps": len(result.history) - 1,
+        "match_s": match_s,
+    }
+
+
+def many_regime(
+    width: models.Width,
+    spec: PermutationSpec,
+    sds: list[dict[str, torch.Tensor]],
+    evals: measure.EvalSet,
+    threads: int,
+) -> dict:
+    """Plain mean of N models vs MergeMany (Git Re-Basin, Alg. 3), and each model's own loss."""
+    start = time.time()
+    result = merge_many(spec, sds, threads=threads, seed=0)
+    match_s = time.time() - start
+    aligned = [apply_permutation(spec, p, m) for p, m in zip(result.perms, sds)]
+    moved = [measure.units_moved(p)[0] for p in result.perms]
+    individual = [measure.loss(width, m, evals) for m in sds]
+    return {
+        "individual": individual,
+        "plain_average": measure.loss(width, measure.average(sds), evals),
+        "merge_many": measure.loss(width, measure.average(aligned), evals),
+        "units_moved": moved,
+        "units_total": measure.units_moved(result.perms[0])[1],
+        "passes": result.passes,
+        "converged": result.converged,
+        "match_s": match_s,
+    }
+
+
+def run_width(
+    args: argparse.Namespace,
+    width: models.Width,
+    train_data: data.Digits,
+    evals: measure.EvalSet,
+    save: Callable[[dict], None],
+) -> dict:
+    """All regimes at one width; `save(out)` is called after each regime (partial results survive)."""
+    cache = Path(args.cache)
+    spec = permutation_spec("sd1-ldm", arch=models.arch(width), shapes=models.ldm_shapes(width))
+
+    def scratch(seed):
+        config = TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
+        return trained(cache, width, "ind", lambda: models.build(width, seed), train_data, config)
+
+    ind = [scratch(1), scratch(2)]
+    out = {
+        "width": width.name,
+        "unet_channels": width.unet,
+        "clip_width": width.clip,
+        "ft_seeds": list(args.ft_seeds),
+    }
+    log(f"{width.name}: independent pair")
+    out["independent"] = pair_regime(width, spec, ind[0], ind[1], evals, args.threads)
+    save(out)
+
+    if "finetunes" not in args.regimes:
+        return out
+    fts = []
+    for classes, seed in zip((LOW, HIGH), args.ft_seeds):
+        config = TrainConfig(steps=args.ft_steps, seed=seed, batch=args.batch, lr=args.ft_lr, warmup=5)
+        tag = "ft" + "".join(map(str, classes)) + "-from-ind1"
+        fts.append(
+            trained(
+                cache,
+                width,
+                tag,
+                lambda: models.from_ldm(width, {k: v.clone() for k, v in ind[0].items()}),
+                train_data.subset(classes),
+                config,
+            )
+        )
+    log(f"{width.name}: fine-tune pair")
+    out["finetunes"] = pair_regime(width, spec, fts[0], fts[1], evals, args.threads)
+    out["finetunes"]["loss_base"] = out["independent"]["loss_a"]
+    save(out)
+    if "many" in args.regimes:
+        ind += [scratch(3), scratch(4)]
+        log(f"{width.name}: MergeMany of {len(ind)}")
+        out["many"] = many_regime(width, spec, ind, evals, args.threads)
+        save(out)
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| width | regime | endpoint losses | barrier plain | barrier re-based | midpoint plain | midpoint re-based | units moved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for name in ("independent", "finetunes"):
+            if name not in r:
+                continue
+            x = r[name]
+            lines.append(
+                f"| {r['width']} | {name} | {x['loss_a']:.4f} / {x['loss_b']:.4f} | {x['barrier_plain']:.4f} | "
+                f"{x['barrier_rebased']:.4f} ({x['barrier_rebased'] / x['barrier_plain']:.2f}x) | "
+                f"{x['midpoint_plain']:.4f} | {x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
+            )
+        if "many" in r:
+            m = r["many"]
+            mean_ind = sum(m["individual"]) / len(m["individual"])
+            lines.append(
+                f"| {r['width']} | many (4) | mean {mean_ind:.4f} | n_average {m['plain_average']:.4f} "
+                f"({m['plain_average'] - mean_ind:+.4f}) | MergeMany {m['merge_many']:.4f} "
+                f"({m['merge_many'] - mean_ind:+.4f}) | - | - | {', '.join(map(str, m['units_moved']))} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3 if any("many" in r for r in results) else 2
+    fig, axes = plt.subplots(len(results), cols, figsize=(4.2 * cols, 3.3 * len(results)), squeeze=False)
+    for row, r in zip(axes, results):
+        for ax, name, title in zip(
+            row, ("independent", "finetunes"), ("independent", "fine-tunes of one base")
+        ):
+            if name not in r:
+                ax.axis("off")
+                continue
+            x = r[name]
+            ax.plot(x["lambdas"], x["plain"], "o-", ms=3, label=f"plain (barrier {x['barrier_plain']:.4f})")
+            ax.plot(
+                x["lambdas"], x["rebased"], "s-", ms=3, label=f"re-basin (barrier {x['barrier_rebased']:.4f})"
+            )
+            ax.set_title(f"{r['width']}: {title}")
+            ax.set_xlabel("lambda  ((1 - lambda) A + lambda B)")
+            ax.set_ylabel("held-out denoising loss")
+            ax.legend(fontsize=8)
+        if cols == 3:
+            ax = row[2]
+            if "many" in r:
+                m = r["many"]
+                labels = [f"model {i + 1}" for i in range(len(m["individual"]))] + ["n_average", "MergeMany"]
+                values = [*m["individual"], m["plain_average"], m["merge_many"]]
+                ax.bar(labels, values, color=["0.6"] * len(m["individual"]) + ["C0", "C1"])
+                ax.set_title(f"{r['width']}: 4 independent models")
+                ax.set_ylabel("held-out denoising loss")
+                ax.tick_params(axis="x", labelrotation=30)
+            else:
+                ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", default="16,32", help="UNet base channels (SD1: 320), comma-separated")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each independent model")
+    p.add_argument("--ft-steps", type=int, default=100, help="training steps of each fine-tune")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ft-lr", type=float, default=3e-4)
+    p.add_argument(
+        "--ft-seeds",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=(11, 12),
+        help="seeds of the two fine-tunes (digits 0-4, digits 5-9)",
+    )
+    p.add_argument("--draws", type=int, default=1, help="(timestep, noise) draws per held-out image")
+    p.add_argument("--threads", type=int, default=1, help="torch and matching threads")
+    p.add_argument(
+        "--regimes",
+        type=lambda s: tuple(s.split(",")),
+        default=("independent", "finetunes", "many"),
+        help="which regimes after `independent` (always run): finetunes, many",
+    )
+    p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument(
+        "--report-only", action="store_true", help="only redraw the table and plot from the JSON files"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.report_only:
+        report(out)
+        return
+
+    train_data, held = data.load_digits_split(8)
+    evals = measure.eval_set(held, draws=args.draws)
+    out.mkdir(parents=True, exist_ok=True)
+    for c in (int(x) for x in args.widths.split(",")):
+        width = models.Width(unet=c, clip=2 * c, clip_heads=4, groups=8 if c >= 32 else 4)
+
+        def save(result, width=width):
+            summary = {"config": vars(args), "held_out_samples": len(evals.t), "result": result}
+            (out / f"quality_{width.name}.json").write_text(json.dumps(summary, indent=1))
+
+        run_width(args, width, train_data, evals, save)
+        log(f"{width.name} done")
+    report(out)
+
+
+def report(out: Path) -> None:
+    """Table, quality.json and quality.png from every width's quality_c*.json in `out` (widths may
+    run in separate processes; the last one to finish draws them all)."""
+    runs = sorted(
+        (json.loads(f.read_text()) for f in out.glob("quality_c*.json")),
+        key=lambda s: s["result"]["unet_channels"],
+    )
+    results = [s["result"] for s in runs]
+    (out / "quality.json").write_text(json.dumps({"runs": runs}, indent=1))
+    plot(results, out / "quality.png")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

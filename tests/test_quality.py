@@ -1,0 +1,99 @@
+"""The quality benchmark's pipeline (benchmarks/quality/): exact endpoints, a permutation keeps the
+loss, the barrier formula, deterministic training, the real sd1-ldm key names."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.quality import data, measure, models  # noqa: E402
+from benchmarks.quality.train import TrainConfig, train  # noqa: E402
+from sd_mecha_rebasin import apply_permutation, permutation_spec, weight_matching  # noqa: E402
+
+WIDTH = models.Width(unet=16, clip=32, clip_heads=4, groups=4)
+LAMBDAS = (0.0, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train_data, held = data.load_digits_split(8)
+    small = data.Digits(held.latents[:24], held.labels[:24])
+    return train_data, measure.eval_set(small)
+
+
+def trained(train_data: data.Digits, seed: int, steps: int = 3) -> dict[str, torch.Tensor]:
+    model = models.build(WIDTH, seed)
+    train(model, train_data, TrainConfig(steps=steps, seed=seed, batch=8, warmup=1))
+    return models.to_ldm(model)
+
+
+@pytest.fixture(scope="module")
+def pair(digits):
+    train_data, _ = digits
+    return trained(train_data, 1), trained(train_data, 2)
+
+
+def test_layout_is_sd1_ldm_and_roundtrips(digits):
+    """Every text-encoder and UNet key of sd-mecha's sd1-ldm, and from_ldm(to_ldm(m)) computes m."""
+    from support.layouts import key_shapes
+
+    model = models.build(WIDTH, 0).eval()
+    sd = models.to_ldm(model)
+    assert set(sd) == set(key_shapes("sd1", "full"))
+    _, evals = digits
+    with torch.no_grad():
+        want = model(evals.x_t, evals.t, evals.labels)
+        got = models.from_ldm(WIDTH, sd)(evals.x_t, evals.t, evals.labels)
+    assert torch.equal(want, got)
+
+
+def test_training_is_deterministic(digits, pair):
+    """The same seed twice gives the same weights; another seed (pair[1]) does not."""
+    train_data, _ = digits
+    again = trained(train_data, 1)
+    first, other = pair
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_curve_endpoints_and_permutation(digits, pair):
+    """Plain curve: exact endpoint losses. Re-based curve at lambda = 1: B's loss (a legal
+    permutation keeps the function), with units actually moved."""
+    _, evals = digits
+    a, b = pair
+    loss_a, loss_b = measure.loss(WIDTH, a, evals), measure.loss(WIDTH, b, evals)
+    plain = measure.curve(WIDTH, a, b, evals, LAMBDAS)
+    assert plain[0] == loss_a and plain[-1] == loss_b
+    assert loss_a != loss_b
+
+    spec = permutation_spec("sd1-ldm", arch=models.arch(WIDTH), shapes=models.ldm_shapes(WIDTH))
+    result = weight_matching(spec, a, b, seed=0, threads=1)
+    moved, total = measure.units_moved(result.perms)
+    assert 0 < moved <= total
+    b_aligned = apply_permutation(spec, result.perms, b)
+    assert any(not torch.equal(b[k], b_aligned[k]) for k in b)
+    rebased = measure.curve(WIDTH, a, b_aligned, evals, LAMBDAS)
+    assert rebased[0] == loss_a
+    assert rebased[-1] == pytest.approx(loss_b, rel=1e-5)
+
+
+def test_barrier_formula():
+    # max 1.5 minus the mean of the endpoints (1.0 + 0.8) / 2
+    assert measure.barrier([1.0, 1.5, 1.2, 0.8]) == pytest.approx(0.6)
+    assert measure.barrier([2.0, 1.5, 1.0]) == pytest.approx(0.5)  # Def. 2.2: the endpoints' mean
+    assert measure.barrier([1.0, 0.9, 1.0]) == pytest.approx(0.0)  # max is an endpoint
+    with pytest.raises(ValueError):
+        measure.barrier([1.0])
+
+
+def test_units_moved_and_average():
+    import numpy as np
+
+    assert measure.units_moved({"a": np.array([1, 0, 2]), "b": np.arange(4)}) == (2, 7)
+    avg = measure.average([{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}])
+    assert torch.equal(avg["w"], torch.tensor([2.0, 4.0]))
