@@ -371,14 +371,9 @@ def run(
     try:
         hashes = hasher.submit(_hash_inputs, [a.path, b.path], stop_hashing) if opts.metadata else None
         with contextlib.ExitStack() as stack:
-            target = stack.enter_context(AtomicOutput(output, overwrite=opts.overwrite))
-            recipe_target = None
-            if opts.save_recipe is not None:
-                recipe_target = stack.enter_context(
-                    AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
-                )
-            warn_stale_partials([target, recipe_target], opts.quiet)
-            target.check_free_space(expected_output_bytes(mode, a, b, dtype))
+            target, recipe_target = open_targets(
+                stack, output, opts, expected_output_bytes(mode, a, b, dtype)
+            )
             progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
             stack.callback(progress.close)
             stack.enter_context(events.listening(progress))
@@ -566,6 +561,21 @@ def expected_output_bytes(mode: str, a: Checkpoint, b: Checkpoint, dtype: torch.
         weight = key in emas or is_merged_key(config, canon[key], stored)
         total += math.prod(shape) * (dtype if weight and stored.is_floating_point else stored).itemsize
     return total
+
+
+def open_targets(
+    stack: contextlib.ExitStack, output: pathlib.Path, opts: RunOptions, expected_bytes: int
+) -> tuple[AtomicOutput, AtomicOutput | None]:
+    """The output file and, with `opts.save_recipe`, the recipe file, both written atomically
+    (closed by `stack`); partial files that killed runs left beside them are removed and named,
+    and the output's folder must have room for `expected_bytes` (UserError before any work)."""
+    target = stack.enter_context(AtomicOutput(output, overwrite=opts.overwrite))
+    recipe_target = None
+    if opts.save_recipe is not None:
+        recipe_target = stack.enter_context(AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha"))
+    warn_stale_partials([target, recipe_target], opts.quiet)
+    target.check_free_space(expected_bytes)
+    return target, recipe_target
 
 
 def warn_stale_partials(targets: Sequence[AtomicOutput | None], quiet: bool) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import threading
@@ -44,12 +43,12 @@ from .jobs import (
     assemble,
     check_device,
     expected_output_bytes,
+    open_targets,
     warn_extra_bytes,
-    warn_stale_partials,
 )
 from .lazy import FileStateDict
 from .many import DEFAULT_MAX_PASSES, ModelStep, PassStats, check_weights, merge_many, merged_tensors
-from .output import PACKAGE, AtomicOutput, _inherited_models, _input_record, anonymize_recipe, modelspec
+from .output import PACKAGE, anonymize_recipe, input_records, metadata_fields, package_version
 from .progress import ManyProgress, capture_logging, warn
 from .variants import VARIANTS, input_channels
 
@@ -190,12 +189,7 @@ def _metadata(
     params: dict[str, Any],
     mecha_recipe: str | None,
 ) -> dict[str, str]:
-    try:
-        from importlib.metadata import version
-
-        pkg_version = version(PACKAGE)
-    except Exception:  # noqa: BLE001 - metadata is best effort
-        pkg_version = "unknown"
+    pkg_version = package_version()
     config = ckpts[ref].config
     assert config is not None
     shas = [hashes.get(c.name, (None, None))[0] for c in ckpts]
@@ -210,30 +204,19 @@ def _metadata(
         "reference": ckpts[ref].name,
         **params,
     }
-    models: dict[str, Any] = {}
-    for ckpt in ckpts:
-        models.update(_inherited_models(ckpt))
-    for ckpt, sha in zip(ckpts, shas):
-        if sha:
-            models[sha] = _input_record(ckpt, sha, hashes[ckpt.name][1])
     terms = " + ".join(f"{w:.4g} * pi({c.name})" for c, w in zip(ckpts, weights))
-    meta: dict[str, str] = {}
-    if mecha_recipe:
-        meta["mecha_recipe"] = mecha_recipe
-    meta["sd_merge_recipe"] = json.dumps(recipe)
-    meta["sd_merge_models"] = json.dumps(models)
-    meta.update(
-        modelspec(
-            config,
-            ckpts[ref],
-            output.stem,
-            merged_from=[c.name for c in ckpts],
-            description=f"Git Re-Basin MergeMany by {PACKAGE} {pkg_version}: {terms}, "
-            f"every pi aligning into the basis of {ckpts[ref].name}",
-            prediction_type="v" if "v_pred" in ckpts[ref].canonical.values() else None,
-        )
+    return metadata_fields(
+        config=config,
+        reference=ckpts[ref],
+        output=output,
+        recipe=recipe,
+        models=input_records(ckpts, hashes),
+        mecha_recipe=mecha_recipe,
+        merged_from=[c.name for c in ckpts],
+        description=f"Git Re-Basin MergeMany by {PACKAGE} {pkg_version}: {terms}, "
+        f"every pi aligning into the basis of {ckpts[ref].name}",
+        prediction_type="v" if "v_pred" in ckpts[ref].canonical.values() else None,
     )
-    return meta
 
 
 def recipe_text(
@@ -309,14 +292,9 @@ def merge_many_files(
     try:
         hashes = hasher.submit(_hash_inputs, paths, stop_hashing) if opts.metadata else None
         with contextlib.ExitStack() as stack:
-            target = stack.enter_context(AtomicOutput(output, overwrite=opts.overwrite))
-            recipe_target = None
-            if opts.save_recipe is not None:
-                recipe_target = stack.enter_context(
-                    AtomicOutput(opts.save_recipe, opts.overwrite, suffix=".mecha")
-                )
-            warn_stale_partials([target, recipe_target], opts.quiet)
-            target.check_free_space(expected_output_bytes("merge", ckpts[ref], ckpts[ref], dtype))
+            target, recipe_target = open_targets(
+                stack, output, opts, expected_output_bytes("merge", ckpts[ref], ckpts[ref], dtype)
+            )
             mecha = recipe_text(ckpts, w, ref, max_passes, opts)
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)

@@ -22,7 +22,7 @@ import os
 import pathlib
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -406,6 +406,61 @@ def modelspec(
     return spec
 
 
+def package_version() -> str:
+    """This package's installed version, or "unknown" (metadata is best effort)."""
+    try:
+        from importlib.metadata import version
+
+        return version(PACKAGE)
+    except Exception:  # noqa: BLE001 - metadata is best effort
+        return "unknown"
+
+
+def input_records(ckpts: Sequence[Checkpoint], hashes: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """`sd_merge_models`: the models the inputs were merged from (from their own metadata), then
+    each input by sha256 (`hashes`: file name -> (sha256, legacy hash)); inputs without a hash are
+    left out."""
+    models: dict[str, Any] = {}
+    for ckpt in ckpts:
+        models.update(_inherited_models(ckpt))
+    for ckpt in ckpts:
+        sha, legacy = hashes.get(ckpt.name, (None, None))
+        if sha:
+            models[sha] = _input_record(ckpt, sha, legacy)
+    return models
+
+
+def metadata_fields(
+    *,
+    config: str,
+    reference: Checkpoint,
+    output: pathlib.Path,
+    recipe: Mapping[str, Any],
+    models: Mapping[str, Any],
+    mecha_recipe: str | None,
+    merged_from: list[str] | None,
+    description: str,
+    prediction_type: str | None,
+) -> dict[str, str]:
+    """The output's metadata: `mecha_recipe`, `sd_merge_recipe`, `sd_merge_models`, `modelspec.*`."""
+    meta: dict[str, str] = {}
+    if mecha_recipe:
+        meta["mecha_recipe"] = mecha_recipe
+    meta["sd_merge_recipe"] = json.dumps(recipe)
+    meta["sd_merge_models"] = json.dumps(models)
+    meta.update(
+        modelspec(
+            config,
+            reference,
+            output.stem,
+            merged_from=merged_from,
+            description=description,
+            prediction_type=prediction_type,
+        )
+    )
+    return meta
+
+
 def build_metadata(
     *,
     mode: str,
@@ -423,12 +478,7 @@ def build_metadata(
 
     `hashes` maps each input's file name to (sha256, legacy hash).
     """
-    try:
-        from importlib.metadata import version
-
-        pkg_version = version("sd-mecha-rebasin")
-    except Exception:  # noqa: BLE001 - metadata is best effort
-        pkg_version = "unknown"
+    pkg_version = package_version()
     sha_a, legacy_a = hashes.get(a.name, (None, None))
     sha_b, legacy_b = hashes.get(b.name, (None, None))
     method, interp = {
@@ -446,13 +496,7 @@ def build_metadata(
         "interp_method": interp,
         **dict(params),
     }
-    models: dict[str, Any] = {}
-    for ckpt in (a, b):
-        models.update(_inherited_models(ckpt))
-    if sha_a:
-        models[sha_a] = _input_record(a, sha_a, legacy_a)
-    if sha_b:
-        models[sha_b] = _input_record(b, sha_b, legacy_b)
+    models = input_records((a, b), hashes)
     alpha = params.get("alpha")
     if isinstance(alpha, Mapping):  # per-block weights: sd_merge_recipe lists them
         alpha = "alpha[block]"
@@ -471,20 +515,14 @@ def build_metadata(
             f"same function as {b.name}"
         )
     merged_from = None if mode == "align" else [a.name, b.name]
-    reference = b if mode == "align" else a
-    meta: dict[str, str] = {}
-    if mecha_recipe:
-        meta["mecha_recipe"] = mecha_recipe
-    meta["sd_merge_recipe"] = json.dumps(recipe)
-    meta["sd_merge_models"] = json.dumps(models)
-    meta.update(
-        modelspec(
-            config,
-            reference,
-            output.stem,
-            merged_from=merged_from,
-            description=description,
-            prediction_type=prediction_type,
-        )
+    return metadata_fields(
+        config=config,
+        reference=b if mode == "align" else a,
+        output=output,
+        recipe=recipe,
+        models=models,
+        mecha_recipe=mecha_recipe,
+        merged_from=merged_from,
+        description=description,
+        prediction_type=prediction_type,
     )
-    return meta
