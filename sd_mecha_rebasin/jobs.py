@@ -200,6 +200,30 @@ def load_inputs(
     return a, b, opts
 
 
+def check_spec(ckpt: Checkpoint, opts: RunOptions) -> None:
+    """Refuse, before the merge, a model whose permutation spec cannot be built from its keys.
+
+    A UNet-only file is the usual case: the rules tie the UNet's cross-attention columns to the
+    text encoder's residual stream, so they need the text encoder's keys (milliseconds: the spec
+    is built from the header's shapes). Raises UserError naming the file and the missing key.
+    """
+    from . import permutation_spec
+    from .spec import MissingKeyError
+
+    assert ckpt.config is not None
+    try:
+        permutation_spec(ckpt.config, arch=opts.arch, shapes=ckpt.canonical_shapes())
+    except MissingKeyError as e:
+        part = "text encoder" if not e.key.startswith("model.diffusion_model.") else "UNet"
+        raise UserError(
+            f"cannot be re-based: it lacks {e.key} ({part}); re-basin needs the UNet and the text "
+            "encoder(s) together (UNet-only files are not supported)",
+            ckpt.path,
+        ) from None
+    except ValueError as e:
+        raise UserError(f"cannot be re-based: {e}", ckpt.path) from None
+
+
 def warn_extra_bytes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
     """One warning per input whose file holds bytes that belong to no tensor (accepted as they are)."""
     for ckpt in ckpts:
@@ -379,6 +403,9 @@ def run(
             stack.enter_context(events.listening(progress))
             _scan_inputs((a, b), opts.threads)
             _warn_prediction_mismatch(mode, a, b, opts.quiet)
+            if mode != "average":
+                for ckpt in (a, b):
+                    check_spec(ckpt, opts)
 
             config = a.config
             assert config is not None

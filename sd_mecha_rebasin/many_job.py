@@ -42,6 +42,7 @@ from .jobs import (
     _perm_spec,
     assemble,
     check_device,
+    check_spec,
     expected_output_bytes,
     open_targets,
     warn_extra_bytes,
@@ -298,6 +299,8 @@ def merge_many_files(
             mecha = recipe_text(ckpts, w, ref, max_passes, opts)
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
+            for ckpt in ckpts:
+                check_spec(ckpt, opts)
             spec = _perm_spec(config, opts)
             models = [FileStateDict(c) for c in ckpts]
             t_align = time.perf_counter()

@@ -204,6 +204,15 @@ def invert(perms: Permutations) -> Permutations:
     return {name: np.argsort(p) for name, p in perms.items()}
 
 
+class MissingKeyError(ValueError):
+    """A key the permutation rules need is not in the model (e.g. a UNet-only file: the UNet's
+    cross-attention reads the text encoder's residual stream, whose rules need its keys)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the permutation rules need {key}, which the model lacks")
+        self.key = key
+
+
 class SpecBuilder:
     """Collects spaces and bindings while architecture rules walk a model's key layout.
 
@@ -221,7 +230,11 @@ class SpecBuilder:
         return key in self.shapes
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self.shapes[key]
+        """The shape of `key`; `MissingKeyError` when the model lacks it."""
+        try:
+            return self.shapes[key]
+        except KeyError:
+            raise MissingKeyError(key) from None
 
     def space(self, name: str, kind: str, tree: Node, note: str = "") -> str:
         if name in self._spaces or name in self._streams:

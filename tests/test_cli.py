@@ -171,6 +171,29 @@ def test_sd1_with_sdxl(tmp_path, monkeypatch, capsys):
     only_inputs_left(tmp_path, a, b)
 
 
+@pytest.mark.parametrize("command", ["merge", "align", "merge-many"])
+def test_unet_only_files_are_refused_before_the_merge(tmp_path, monkeypatch, capsys, command):
+    """The permutation rules tie the UNet's cross-attention to the text encoder's stream: a file
+    without the text encoder is named, with the key it lacks, instead of failing mid-merge."""
+    monkeypatch.chdir(tmp_path)
+    a = sparse(tmp_path / "a.safetensors", config_shapes("sd1-ldm", ("diffuser",)))
+    b = sparse(tmp_path / "b.safetensors", config_shapes("sd1-ldm", ("clip_l", "diffuser")))
+    args = {
+        "merge": [a, b],
+        "align": [b, "--ref", a, "-o", "o.safetensors"],
+        "merge-many": [b, a, "-o", "o.safetensors"],
+    }
+    rc, _, err = run_cli(capsys, command, *args[command])
+    assert_one_line_error(
+        rc,
+        err,
+        1,
+        "a.safetensors: cannot be re-based: it lacks cond_stage_model.transformer.",
+        "(text encoder)",
+    )
+    only_inputs_left(tmp_path, a, b)
+
+
 @pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
 def test_non_finite_weight_names_the_key(tmp_path, monkeypatch, capsys, value, word):
     monkeypatch.chdir(tmp_path)
