@@ -27,24 +27,11 @@ from typing import Any
 
 import torch
 
-from . import testhooks
+from . import safetensors_file, testhooks
 from .checkpoint import Checkpoint, UserError
 
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        _DTYPE_NAMES[getattr(torch, _attr)] = _name
+_DTYPE_NAMES = {dtype: name for name, dtype in safetensors_file.DTYPES.items()}
+"""torch dtype -> safetensors dtype name: the reader's table, inverted (one table for both ways)."""
 
 ARCHITECTURES = {
     "sd1-ldm": ("stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion", "512x512", "epsilon"),
