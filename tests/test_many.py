@@ -20,7 +20,7 @@ from sd_mecha_rebasin import (
 )
 from sd_mecha_rebasin.checkpoint import detect_family, open_checkpoint
 from sd_mecha_rebasin.lazy import FileStateDict
-from sd_mecha_rebasin.many import compose
+from sd_mecha_rebasin.many import compose, running_sum_dtype
 from sd_mecha_rebasin.spec import invert
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
@@ -248,3 +248,90 @@ def test_a_model_missing_a_permuted_key_is_refused():
     del models[1][key]
     with pytest.raises(ValueError, match=f"model 2 lacks {key}"):
         merge_many(spec, models)
+
+
+# --- the running sum at the inputs' precision (16-bit inputs: a 16-bit sum, rebuilt exactly) ---
+
+
+def as_dtype(models, dtype):
+    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()} for sd in models]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_half_precision_inputs_use_a_half_sum_and_recover_every_permutation(family):
+    c = Case(family)
+    half = as_dtype(c.models, torch.float16)
+    assert running_sum_dtype(half[0], c.keys) == torch.float16
+    compact = merge_many(c.spec, half, threads=2)
+    wide = merge_many(c.spec, half, threads=2, sum_dtype=torch.float32)
+    assert compact.converged
+    for i in range(N):
+        assert same_perms(compact.perms[i], c.expected(i)), i
+        assert same_perms(compact.perms[i], wide.perms[i]), i
+    # The pass objectives come from the exact (float32, rebuilt) sum, so they agree with the
+    # float32 sum's to float32 rounding, not to float16's.
+    assert [s.objective for s in compact.history] == pytest.approx(
+        [s.objective for s in wide.history], rel=1e-6
+    )
+
+
+def test_bfloat16_sum_recovers_every_permutation():
+    c = Case("sd1")
+    result = merge_many(c.spec, as_dtype(c.models, torch.bfloat16), threads=2)
+    assert all(same_perms(result.perms[i], c.expected(i)) for i in range(N))
+
+
+def test_half_sum_objective_never_decreases_and_matches_its_definition():
+    """Unrelated fp16 models, several passes: the objective is exact although S is float16."""
+    spec, shapes = tiny_spec("sd1")
+    models = as_dtype([random_state_dict(shapes, seed=300 + i) for i in range(N)], torch.float16)
+    weights = [0.4, 0.3, 0.2, 0.1]
+    result = merge_many(spec, models, weights=weights, threads=2, max_iter=2, max_passes=3)
+    objectives = [s.objective for s in result.history]
+    assert len(objectives) >= 2 and result.history[1].models_changed > 0
+    for before, after in zip(objectives, objectives[1:]):
+        assert after >= before - 1e-9 * abs(before), objectives
+    keys = [k for k in spec.axes if k in models[0]]
+    aligned = [apply_permutation(spec, p, {k: m[k] for k in keys}) for p, m in zip(result.perms, models)]
+    pairwise = sum(
+        weights[i]
+        * weights[j]
+        * sum(float((aligned[i][k].double() * aligned[j][k].double()).sum()) for k in keys)
+        for i in range(N)
+        for j in range(i + 1, N)
+    )
+    assert objectives[-1] == pytest.approx(pairwise, rel=1e-6)
+
+
+def test_half_sum_threads_one_and_two_give_identical_results():
+    spec, shapes = tiny_spec("sd1")
+    models = as_dtype([random_state_dict(shapes, seed=400 + i) for i in range(3)], torch.float16)
+    one = merge_many(spec, models, threads=1, max_iter=2, max_passes=2)
+    two = merge_many(spec, models, threads=2, max_iter=2, max_passes=2)
+    assert all(same_perms(p, q) for p, q in zip(one.perms, two.perms))
+    assert [s.objective for s in one.history] == [s.objective for s in two.history]
+
+
+def test_running_sum_dtype_follows_the_reference(tmp_path):
+    spec, shapes = tiny_spec("sd1")
+    sd = random_state_dict(shapes, seed=1)
+    keys = [k for k in spec.axes if k in sd]
+    assert running_sum_dtype(sd, keys) == torch.float32
+    assert running_sum_dtype(as_dtype([sd], torch.bfloat16)[0], keys) == torch.bfloat16
+    assert running_sum_dtype(as_dtype([sd], torch.float8_e4m3fn)[0], keys) == torch.float16
+    mixed = as_dtype([sd], torch.float16)[0] | {keys[0]: sd[keys[0]].to(torch.bfloat16)}
+    assert running_sum_dtype(mixed, keys) == torch.float32  # fp16 and bf16: neither holds the other
+    one_wide = as_dtype([sd], torch.float16)[0] | {keys[-1]: sd[keys[-1]]}
+    assert running_sum_dtype(one_wide, keys) == torch.float32
+    path = tmp_path / "m.safetensors"
+    save_file(as_dtype([sd], torch.float16)[0], str(path))
+    ckpt = open_checkpoint(path)
+    detect_family(ckpt)
+    assert running_sum_dtype(FileStateDict(ckpt), keys) == torch.float16  # from the header, nothing read
+
+
+def test_a_bad_sum_dtype_is_refused():
+    spec, shapes = tiny_spec("sd1")
+    models = [random_state_dict(shapes, seed=i) for i in range(2)]
+    with pytest.raises(ValueError, match="sum_dtype must be float32, float16 or bfloat16"):
+        merge_many(spec, models, sum_dtype=torch.float64)
