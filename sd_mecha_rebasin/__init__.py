@@ -7,7 +7,7 @@ conversion of SD1 block weights to sd2-ldm keys (`blocks`).
 """
 
 from .architectures import permutation_spec
-from .many import ManyResult, ModelStep, PassStats, merge_many, merged_tensors
+from .many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors
 from .matching import MatchResult, SweepStats, weight_matching
 from .merge_method import rebasin
 from .merge_method_many import rebasin_many
@@ -24,6 +24,7 @@ __all__ = [
     "MatchResult",
     "ModelStep",
     "PassStats",
+    "SumRebuild",
     "PermutationSpec",
     "Permutations",
     "SweepStats",

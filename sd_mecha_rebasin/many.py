@@ -79,6 +79,15 @@ class ModelStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class SumRebuild:
+    """A 16-bit running sum is about to be rebuilt from the models (one read of each; reported to
+    `on_progress` before it starts, as it takes about as long as a plain average of the N inputs)."""
+
+    pass_index: int
+    models: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PassStats:
     """One pass over the models."""
 
@@ -97,6 +106,8 @@ class PassStats:
     sweeps: int
     """Weight-matching sweeps run in this pass, over all models."""
     seconds: float
+    rebuild_seconds: float = 0.0
+    """Part of `seconds` spent rebuilding a 16-bit running sum from the models (0: not rebuilt)."""
 
 
 @dataclasses.dataclass
@@ -109,6 +120,8 @@ class ManyResult:
     weights: list[float]
     """The weights used, normalised to sum to 1."""
     ref: int
+    sum_dtype: torch.dtype = torch.float32
+    """The dtype the running sum was held in (`running_sum_dtype`)."""
 
     @property
     def passes(self) -> int:
@@ -222,7 +235,7 @@ def merge_many(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     sum_dtype: torch.dtype | None = None,
-    on_progress: Callable[[ModelStep | PassStats], None] | None = None,
+    on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None = None,
 ) -> ManyResult:
     """MergeMany: the permutations that bring N models into the reference's basis (Git Re-Basin, Alg. 3).
 
@@ -235,7 +248,8 @@ def merge_many(
     `weights` (default equal; normalised) weigh both the mean each model is aligned to and the
     output (`merged_tensors`). `max_iter`, `seed`, `threads`, `device`, `precision` go to
     `weight_matching`; the result is the same for any thread count. `on_progress` receives a
-    `ModelStep` after each alignment and a `PassStats` after each pass.
+    `ModelStep` after each alignment, a `SumRebuild` before a 16-bit sum is rebuilt, and a
+    `PassStats` after each pass.
 
     Raises ValueError for fewer than 2 models, bad weights (see `check_weights`), a bad `ref`, a
     `sum_dtype` that is not float32/float16/bfloat16, or a model that lacks one of the
@@ -364,11 +378,16 @@ def merge_many(
                             time.perf_counter() - t0,
                         )
                     )
+            rebuild_seconds = 0.0
             if not compact:  # S holds sum u_i pi_i(M_i) = (sum w_i pi_i(M_i)) / w_ref
                 exact_sum_norm = squared_norm(total) * w[ref] ** 2
             elif exact_sum_norm is None:  # a model moved: S rebuilt exactly (its updates rounded)
+                if on_progress is not None:
+                    on_progress(SumRebuild(pass_index, n))
+                t0 = time.perf_counter()
                 exact_sum_norm = rebuild()
                 return_freed_memory()
+                rebuild_seconds = time.perf_counter() - t0
             objective = (exact_sum_norm - math.fsum(wi * wi * ni for wi, ni in zip(w, norms))) / 2
             stats = PassStats(
                 pass_index,
@@ -379,6 +398,7 @@ def merge_many(
                 perms_changed,
                 sweeps,
                 time.perf_counter() - t_pass,
+                rebuild_seconds,
             )
             history.append(stats)
             if on_progress is not None:
@@ -387,7 +407,7 @@ def merge_many(
                 break
     total.clear()
     return_freed_memory()
-    return ManyResult(perms, history, not stale, w, ref)
+    return ManyResult(perms, history, not stale, w, ref, sum_dtype)
 
 
 def merged_tensors(

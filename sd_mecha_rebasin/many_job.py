@@ -48,7 +48,15 @@ from .jobs import (
     warn_extra_bytes,
 )
 from .lazy import FileStateDict
-from .many import DEFAULT_MAX_PASSES, ModelStep, PassStats, check_weights, merge_many, merged_tensors
+from .many import (
+    DEFAULT_MAX_PASSES,
+    ModelStep,
+    PassStats,
+    SumRebuild,
+    check_weights,
+    merge_many,
+    merged_tensors,
+)
 from .output import PACKAGE, anonymize_recipe, input_records, metadata_fields, package_version
 from .progress import ManyProgress, capture_logging, warn
 from .variants import VARIANTS, input_channels
@@ -65,6 +73,8 @@ class ManyRunResult:
     ref: int
     passes: list[PassStats]
     converged: bool
+    sum_dtype: str
+    """The running sum's dtype ("float16", "bfloat16", "float32")."""
     permutations: int
     permutations_changed: list[int]
     """Per input, its permutations that are not the identity (the reference's: 0)."""
@@ -87,6 +97,7 @@ class ManyRunResult:
             "weights": self.weights,
             "ref": self.inputs[self.ref],
             "converged": self.converged,
+            "running_sum_dtype": self.sum_dtype,
             "passes": [dataclasses.asdict(p) for p in self.passes],
             "permutations": self.permutations,
             "permutations_changed": self.permutations_changed,
@@ -252,7 +263,7 @@ def merge_many_files(
     ref: int | str | os.PathLike = 0,
     max_passes: int = DEFAULT_MAX_PASSES,
     options: RunOptions | None = None,
-    on_progress: Callable[[ModelStep | PassStats], None] | None = None,
+    on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None = None,
 ) -> ManyRunResult:
     """Write the weighted mean of N checkpoints, each re-based into the reference's basis, to `output`.
 
@@ -391,6 +402,7 @@ def merge_many_files(
         ref=ref,
         passes=result.history,
         converged=result.converged,
+        sum_dtype=str(result.sum_dtype).removeprefix("torch."),
         permutations=len(spec.spaces),
         permutations_changed=changed,
         align_seconds=align_seconds,

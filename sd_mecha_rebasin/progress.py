@@ -225,7 +225,7 @@ class ManyProgress:
     """Merge-many progress on stderr: one line per model aligned (pass k, model i of N, its gain,
     permutations changed, ETA of the pass), one per pass, then a bar over the output pass's keys.
 
-    Called with `many.ModelStep` / `many.PassStats`; `forward` also receives them (library users).
+    Called with `many.ModelStep` / `many.SumRebuild` / `many.PassStats`; `forward` also receives them (library users).
     """
 
     def __init__(self, names: list[str], enabled: bool, forward: Any = None):
@@ -256,10 +256,19 @@ class ManyProgress:
                 f"gain {item.gain:+.6g}, {item.changed} permutation(s) changed, {item.sweeps} sweep(s), "
                 f"distance to the others {item.distance:.6g}, {item.seconds:.1f} s{eta}"
             )
-        else:  # a PassStats
+        elif hasattr(item, "objective"):  # a PassStats
+            rebuilt = (
+                f" (running sum rebuilt in {item.rebuild_seconds:.1f} s)" if item.rebuild_seconds else ""
+            )
             self._line(
                 f"pass {item.pass_index} done: {item.models_changed} of {item.aligned} model(s) moved, "
-                f"objective {item.objective:.8g}, mean distance {item.mean_distance:.6g}, {item.seconds:.1f} s"
+                f"objective {item.objective:.8g}, mean distance {item.mean_distance:.6g}, "
+                f"{item.seconds:.1f} s{rebuilt}"
+            )
+        else:  # a SumRebuild
+            self._line(
+                f"pass {item.pass_index}: rebuilding the running sum from the {item.models} models "
+                "(one read of each, summed in float32)"
             )
 
     def output_pass(self, keys: int) -> None:

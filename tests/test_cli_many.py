@@ -95,6 +95,32 @@ def test_json_reports_every_pass(inputs, tmp_path, capsys):
     assert len(report["passes"]) >= 1
     assert {"objective", "mean_distance", "models_changed", "sweeps", "seconds"} <= set(report["passes"][0])
     assert report["permutations_changed"][0] == 0 and min(report["permutations_changed"][1:]) > 0
+    assert report["running_sum_dtype"] == "float32"  # float32 inputs: a float32 sum, never rebuilt
+    assert all(p["rebuild_seconds"] == 0 for p in report["passes"])
+
+
+def test_half_precision_inputs_use_a_half_sum_rebuilt_after_pass_one(inputs, tmp_path, capsys, monkeypatch):
+    import sys
+
+    paths, base, _, spec = inputs
+    half = []
+    for p in paths:
+        sd = load_file(p)
+        path = tmp_path / p.name
+        write_safetensors(path, {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, LAYOUT)
+        half.append(path)
+    out = tmp_path / "o.safetensors"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, stdout, err = run_cli(capsys, "merge-many", *half, "-o", out, "--json", "--threads", "2")
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report["running_sum_dtype"] == "float16"
+    assert report["passes"][0]["rebuild_seconds"] > 0  # pass 1 moved models: the sum was rebuilt
+    assert "pass 1: rebuilding the running sum from the 3 models" in err
+    assert "running sum rebuilt in" in err
+    merged = load_file(out)
+    keys = [k for k in spec.axes if k in merged]
+    assert rel_distance(merged, base, keys) < 0.01
 
 
 def test_ref_puts_the_output_in_that_models_basis(inputs, tmp_path):

@@ -262,9 +262,16 @@ def test_half_precision_inputs_use_a_half_sum_and_recover_every_permutation(fami
     c = Case(family)
     half = as_dtype(c.models, torch.float16)
     assert running_sum_dtype(half[0], c.keys) == torch.float16
-    compact = merge_many(c.spec, half, threads=2)
+    events = []
+    compact = merge_many(c.spec, half, threads=2, on_progress=events.append)
     wide = merge_many(c.spec, half, threads=2, sum_dtype=torch.float32)
     assert compact.converged
+    assert (compact.sum_dtype, wide.sum_dtype) == (torch.float16, torch.float32)
+    # Pass 1 moved every model: the sum is rebuilt (announced first), pass 2 moved none: it is not.
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[: N - 1] == ["ModelStep"] * (N - 1) and kinds[N - 1 : N + 1] == ["SumRebuild", "PassStats"]
+    assert compact.history[0].rebuild_seconds > 0 and compact.history[-1].rebuild_seconds == 0
+    assert all(s.rebuild_seconds == 0 for s in wide.history)
     for i in range(N):
         assert same_perms(compact.perms[i], c.expected(i)), i
         assert same_perms(compact.perms[i], wide.perms[i]), i

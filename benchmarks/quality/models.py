@@ -21,7 +21,7 @@ from torch import nn
 from . import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support.forward import _SD_UNET_COMMON  # noqa: E402  (the harness's SD1 UNet config)
+from support.forward import SD_UNET_COMMON  # noqa: E402  (the harness's SD1 UNet config)
 from support.layouts import PREFIXES, UNET_PREFIX, component_of, key_shapes  # noqa: E402
 
 CLIP_PREFIX = PREFIXES["sd1"]["clip_l"]
@@ -73,7 +73,7 @@ def arch(width: Width) -> dict[str, dict[str, int]]:
 def unet_config(width: Width) -> dict:
     c = width.unet
     return {
-        **_SD_UNET_COMMON,
+        **SD_UNET_COMMON,
         "sample_size": 8,
         "block_out_channels": (c, 2 * c, 4 * c, 4 * c),
         "norm_num_groups": width.groups,

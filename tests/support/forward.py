@@ -60,7 +60,7 @@ _OPEN_CLIP = {
     ("clip_g", "tiny"): (96, 6, 32, 1000),
 }
 
-_SD_UNET_COMMON = {
+SD_UNET_COMMON = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
@@ -98,21 +98,21 @@ _SDXL_UNET_COMMON = {
 }
 _UNET: dict[tuple[str, str], dict] = {
     ("sd1", "full"): {
-        **_SD_UNET_COMMON,
+        **SD_UNET_COMMON,
         "block_out_channels": (320, 640, 1280, 1280),
         "norm_num_groups": 32,
         "cross_attention_dim": 768,
         "attention_head_dim": 8,
     },
     ("sd1", "tiny"): {
-        **_SD_UNET_COMMON,
+        **SD_UNET_COMMON,
         "block_out_channels": (32, 64, 128, 128),
         "norm_num_groups": 8,
         "cross_attention_dim": 64,
         "attention_head_dim": 8,
     },
     ("sd2", "full"): {
-        **_SD_UNET_COMMON,
+        **SD_UNET_COMMON,
         "block_out_channels": (320, 640, 1280, 1280),
         "norm_num_groups": 32,
         "cross_attention_dim": 1024,
@@ -120,7 +120,7 @@ _UNET: dict[tuple[str, str], dict] = {
         "use_linear_projection": True,
     },
     ("sd2", "tiny"): {
-        **_SD_UNET_COMMON,
+        **SD_UNET_COMMON,
         "block_out_channels": (32, 64, 128, 128),
         "norm_num_groups": 8,
         "cross_attention_dim": 64,
