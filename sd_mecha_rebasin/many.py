@@ -17,8 +17,8 @@ What this implementation adds to the paper's loop, and why:
   a view scaled to the mean of the others (weight matching's argmax does not change with the scale
   of the target, but its invariant-feature start and the distances reported do), and added back
   after.
-- **A running sum at the inputs' precision.** `S` is held in float32 when the reference has
-  float32 weights, and otherwise in the reference's 16-bit type (fp8: float16), which halves the
+- **A running sum at the inputs' precision.** `S` is held in the inputs' 16-bit type when every
+  input is float16 (or every one bfloat16; fp8 joins either), else in float32, which halves the
   largest buffer (SDXL: 6.8 GB instead of 13.5 GB). A 16-bit `S` holds the normalised weights'
   sum (never larger than the largest weight, so it cannot overflow); its in-place updates round,
   so it is rebuilt from the models (summed in float32, rounded once) at the end of every pass in
@@ -177,20 +177,23 @@ def _load(
     return out
 
 
-def running_sum_dtype(model: Mapping[str, torch.Tensor], keys: Iterable[str]) -> torch.dtype:
-    """The dtype `merge_many` holds its running sum in for this reference: float32 when one of its
-    `keys` is wider than 16 bits or they mix float16 and bfloat16, else their 16-bit type (fp8
-    values are exact in float16)."""
+def running_sum_dtype(models: Sequence[Mapping[str, torch.Tensor]], keys: Iterable[str]) -> torch.dtype:
+    """The dtype `merge_many` holds its running sum in: the inputs' common 16-bit type when every
+    model's `keys` are float16 (or bfloat16), else float32 (a wider key, or float16 mixed with
+    bfloat16: neither holds the other). fp8 keys hold exactly in either and join the others' type
+    (all fp8: float16). Lazy mappings with a `dtype(key)` method (`FileStateDict`) are not read."""
+    keys = list(keys)
     kinds = set()
-    for key in keys:
-        dtype = model.dtype(key) if callable(getattr(model, "dtype", None)) else model[key].dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            kinds.add(dtype)
-        elif dtype.is_floating_point and dtype.itemsize == 1:
-            kinds.add(torch.float16)
-        else:
-            return torch.float32
-    return kinds.pop() if len(kinds) == 1 else torch.float32
+    for model in models:
+        for key in keys:
+            dtype = model.dtype(key) if callable(getattr(model, "dtype", None)) else model[key].dtype
+            if dtype in (torch.float16, torch.bfloat16):
+                kinds.add(dtype)
+            elif not (dtype.is_floating_point and dtype.itemsize == 1):
+                return torch.float32
+    if len(kinds) > 1:
+        return torch.float32
+    return kinds.pop() if kinds else torch.float16
 
 
 class _Scaled(Mapping[str, torch.Tensor]):
@@ -243,7 +246,7 @@ def merge_many(
     mappings that read a tensor from a file when asked (`lazy.FileStateDict`); each is read once
     per alignment (and once per rebuild of a 16-bit running sum), and never changed. Memory: one
     running sum over the spec's keys present in the reference, in `sum_dtype` (default
-    `running_sum_dtype`: float32 for float32 references, else their 16-bit type), plus one model
+    `running_sum_dtype`: the inputs' 16-bit type when all are 16-bit, else float32), plus one model
     being aligned, whatever N. Every model must have those keys.
     `weights` (default equal; normalised) weigh both the mean each model is aligned to and the
     output (`merged_tensors`). `max_iter`, `seed`, `threads`, `device`, `precision` go to
@@ -265,7 +268,7 @@ def merge_many(
         missing = next((key for key in keys if key not in model), None)
         if missing is not None:
             raise ValueError(f"model {i + 1} lacks {missing}, which the reference (model {ref + 1}) has")
-    sum_dtype = sum_dtype or running_sum_dtype(models[ref], keys)
+    sum_dtype = sum_dtype or running_sum_dtype(models, keys)
     if sum_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"sum_dtype must be float32, float16 or bfloat16, got {sum_dtype}")
     compact = sum_dtype != torch.float32

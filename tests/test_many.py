@@ -261,7 +261,7 @@ def as_dtype(models, dtype):
 def test_half_precision_inputs_use_a_half_sum_and_recover_every_permutation(family):
     c = Case(family)
     half = as_dtype(c.models, torch.float16)
-    assert running_sum_dtype(half[0], c.keys) == torch.float16
+    assert running_sum_dtype(half, c.keys) == torch.float16
     events = []
     compact = merge_many(c.spec, half, threads=2, on_progress=events.append)
     wide = merge_many(c.spec, half, threads=2, sum_dtype=torch.float32)
@@ -319,22 +319,25 @@ def test_half_sum_threads_one_and_two_give_identical_results():
     assert [s.objective for s in one.history] == [s.objective for s in two.history]
 
 
-def test_running_sum_dtype_follows_the_reference(tmp_path):
+def test_running_sum_dtype_follows_the_inputs(tmp_path):
     spec, shapes = tiny_spec("sd1")
     sd = random_state_dict(shapes, seed=1)
     keys = [k for k in spec.axes if k in sd]
-    assert running_sum_dtype(sd, keys) == torch.float32
-    assert running_sum_dtype(as_dtype([sd], torch.bfloat16)[0], keys) == torch.bfloat16
-    assert running_sum_dtype(as_dtype([sd], torch.float8_e4m3fn)[0], keys) == torch.float16
-    mixed = as_dtype([sd], torch.float16)[0] | {keys[0]: sd[keys[0]].to(torch.bfloat16)}
-    assert running_sum_dtype(mixed, keys) == torch.float32  # fp16 and bf16: neither holds the other
-    one_wide = as_dtype([sd], torch.float16)[0] | {keys[-1]: sd[keys[-1]]}
-    assert running_sum_dtype(one_wide, keys) == torch.float32
+    fp16, bf16, fp8 = (as_dtype([sd], d)[0] for d in (torch.float16, torch.bfloat16, torch.float8_e4m3fn))
+    assert running_sum_dtype([sd, sd], keys) == torch.float32
+    assert running_sum_dtype([fp16, fp16], keys) == torch.float16
+    assert running_sum_dtype([bf16, bf16], keys) == torch.bfloat16
+    assert running_sum_dtype([fp8, fp8], keys) == torch.float16
+    assert running_sum_dtype([bf16, fp8], keys) == torch.bfloat16  # fp8 values are exact in bfloat16
+    assert running_sum_dtype([fp16, bf16], keys) == torch.float32  # neither holds the other
+    assert running_sum_dtype([fp16, fp16, sd], keys) == torch.float32  # one float32 input: float32
+    one_wide = fp16 | {keys[-1]: sd[keys[-1]]}
+    assert running_sum_dtype([one_wide, fp16], keys) == torch.float32
     path = tmp_path / "m.safetensors"
-    save_file(as_dtype([sd], torch.float16)[0], str(path))
+    save_file(fp16, str(path))
     ckpt = open_checkpoint(path)
     detect_family(ckpt)
-    assert running_sum_dtype(FileStateDict(ckpt), keys) == torch.float16  # from the header, nothing read
+    assert running_sum_dtype([FileStateDict(ckpt), fp16], keys) == torch.float16  # from the header
 
 
 def test_a_bad_sum_dtype_is_refused():
