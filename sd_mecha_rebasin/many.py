@@ -196,6 +196,11 @@ def running_sum_dtype(models: Sequence[Mapping[str, torch.Tensor]], keys: Iterab
     return kinds.pop() if kinds else torch.float16
 
 
+def _holds(sum_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether a running sum in `sum_dtype` holds values of `dtype` exactly (fp8 fits any 16-bit type)."""
+    return sum_dtype in (torch.float32, dtype) or (dtype.is_floating_point and dtype.itemsize == 1)
+
+
 class _Scaled(Mapping[str, torch.Tensor]):
     """`{key: factor * tensors[key]}`, computed when a key is read (no full-size scaled copy)."""
 
@@ -268,10 +273,25 @@ def merge_many(
         missing = next((key for key in keys if key not in model), None)
         if missing is not None:
             raise ValueError(f"model {i + 1} lacks {missing}, which the reference (model {ref + 1}) has")
-    sum_dtype = sum_dtype or running_sum_dtype(models, keys)
+    fixed = sum_dtype is not None
+    if sum_dtype is None:
+        # From what is known without reading: headers (`dtype(key)`) and in-memory dicts. A model
+        # read through another lazy mapping is checked when it is first read (`admit`).
+        known = [
+            m for m in models if callable(getattr(m, "dtype", None)) or not getattr(m, "fresh_tensors", False)
+        ]
+        if known:
+            sum_dtype = running_sum_dtype(known, keys)
+        else:  # from the reference's first tensor; `admit` widens it if another needs float32
+            sum_dtype = (
+                running_sum_dtype([{k: models[ref][k] for k in keys[:1]}], keys[:1])
+                if keys
+                else torch.float32
+            )
     if sum_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"sum_dtype must be float32, float16 or bfloat16, got {sum_dtype}")
     compact = sum_dtype != torch.float32
+    rounded = False  # S was 16-bit and widened to float32 since the last rebuild: rebuild once more
     u = [x / w[ref] for x in w]  # internal weights: the reference's is 1, so pass 1 of N = 2 is the pair
     # S holds `c * sum u_j pi_j(M_j)` over the placed models. c = 1 keeps pass 1 of N = 2 exact in
     # float32; a 16-bit S holds the normalised weights' sum (c = w_ref), which no weight exceeds.
@@ -282,8 +302,19 @@ def merge_many(
     others = [i for i in range(n) if i != ref]
 
     total: dict[str, torch.Tensor] = {}  # the running sum S, updated in place from here on
+
+    def admit(dtypes: Iterable[torch.dtype]) -> None:
+        """Widen a 16-bit S to float32 (exactly) when an input holds values it cannot."""
+        nonlocal sum_dtype, compact, rounded
+        if fixed or not compact or all(_holds(sum_dtype, d) for d in dtypes):
+            return
+        for key in total:
+            total[key] = total[key].to(torch.float32)
+        sum_dtype, compact, rounded = torch.float32, False, True
+
     for key in keys:
         value = models[ref][key]
+        admit([value.dtype])
         norms[ref] += _dot(value, value)
         total[key] = value.to(sum_dtype, copy=True)
         if c != 1.0:
@@ -326,6 +357,7 @@ def merge_many(
                 first_visit = i not in placed
                 model = _load(spec, models[i], keys, None if first_visit else perms[i])
                 if first_visit:
+                    admit({t.dtype for t in model.values()})
                     norms[i] = squared_norm(model)
                 else:
                     update(model, -c * u[i])
@@ -382,9 +414,10 @@ def merge_many(
                         )
                     )
             rebuild_seconds = 0.0
-            if not compact:  # S holds sum u_i pi_i(M_i) = (sum w_i pi_i(M_i)) / w_ref
-                exact_sum_norm = squared_norm(total) * w[ref] ** 2
-            elif exact_sum_norm is None:  # a model moved: S rebuilt exactly (its updates rounded)
+            if not compact and not rounded:  # S = c * sum u_i pi_i(M_i) = (c / w_ref) sum w_i pi_i(M_i)
+                exact_sum_norm = squared_norm(total) * (w[ref] / c) ** 2
+            elif exact_sum_norm is None or rounded:  # S rebuilt exactly (its 16-bit updates rounded)
+                rounded = False
                 if on_progress is not None:
                     on_progress(SumRebuild(pass_index, n))
                 t0 = time.perf_counter()

@@ -345,3 +345,41 @@ def test_a_bad_sum_dtype_is_refused():
     models = [random_state_dict(shapes, seed=i) for i in range(2)]
     with pytest.raises(ValueError, match="sum_dtype must be float32, float16 or bfloat16"):
         merge_many(spec, models, sum_dtype=torch.float64)
+
+
+class CountingReads(dict):
+    """A lazy-looking mapping (fresh tensors, no `dtype()`): dtypes are only known by reading."""
+
+    fresh_tensors = True
+
+    def __init__(self, sd):
+        super().__init__(sd)
+        self.reads = 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return super().__getitem__(key).clone()
+
+
+def test_inputs_without_headers_are_not_read_for_their_dtype_and_a_wide_one_widens_the_sum():
+    c = Case("sd1")
+    half = [CountingReads(sd) for sd in as_dtype(c.models, torch.float16)]
+    events = []
+    result = merge_many(c.spec, half, threads=2, on_progress=events.append)
+    assert result.sum_dtype == torch.float16
+    rebuilds = sum(type(e).__name__ == "SumRebuild" for e in events)
+    assert rebuilds == 1
+    for i in range(1, N):  # every read is an alignment's or a rebuild's: no scan for dtypes
+        visits = sum(getattr(e, "model", None) == i and hasattr(e, "gain") for e in events)
+        assert half[i].reads == (visits + rebuilds) * len(c.keys), i
+    assert all(same_perms(result.perms[i], c.expected(i)) for i in range(N))
+    # One float32 input among float16 ones, seen only when it is first read: S is widened exactly,
+    # rebuilt once more, and the answer is the float32 sum's.
+    mixed = [CountingReads(sd) for sd in as_dtype(c.models[:3], torch.float16)] + [CountingReads(c.models[3])]
+    widened = merge_many(c.spec, mixed, threads=2)
+    wide = merge_many(c.spec, [dict(m) for m in mixed], threads=2)
+    assert (widened.sum_dtype, wide.sum_dtype) == (torch.float32, torch.float32)
+    assert all(same_perms(p, q) for p, q in zip(widened.perms, wide.perms))
+    assert [s.objective for s in widened.history] == pytest.approx(
+        [s.objective for s in wide.history], rel=1e-6
+    )
