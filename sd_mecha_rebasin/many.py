@@ -189,16 +189,20 @@ def running_sum_dtype(models: Sequence[Mapping[str, torch.Tensor]], keys: Iterab
             dtype = model.dtype(key) if callable(getattr(model, "dtype", None)) else model[key].dtype
             if dtype in (torch.float16, torch.bfloat16):
                 kinds.add(dtype)
-            elif not (dtype.is_floating_point and dtype.itemsize == 1):
+            elif not _is_fp8(dtype):
                 return torch.float32
     if len(kinds) > 1:
         return torch.float32
     return kinds.pop() if kinds else torch.float16
 
 
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def _holds(sum_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     """Whether a running sum in `sum_dtype` holds values of `dtype` exactly (fp8 fits any 16-bit type)."""
-    return sum_dtype in (torch.float32, dtype) or (dtype.is_floating_point and dtype.itemsize == 1)
+    return sum_dtype in (torch.float32, dtype) or _is_fp8(dtype)
 
 
 class _Scaled(Mapping[str, torch.Tensor]):

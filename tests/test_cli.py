@@ -550,7 +550,7 @@ def test_ctrl_c_leaves_no_file(models, tmp_path):
     """
     import signal
 
-    from support.paused import start_paused
+    from support.paused import HANG_GUARD_SECONDS, start_paused
 
     from sd_mecha_rebasin.output import partial_path
 
@@ -563,7 +563,7 @@ def test_ctrl_c_leaves_no_file(models, tmp_path):
         partials = [partial_path(folder / name, proc.pid).name for name in ("merged.safetensors", "r.mecha")]
         assert sorted(p.name for p in folder.iterdir()) == sorted(partials)
         proc.send_signal(signal.SIGINT)
-        proc.wait()
+        proc.wait(timeout=HANG_GUARD_SECONDS)  # a hang guard, not a timing: it exits at once
     finally:
         proc.kill()
         proc.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +39,9 @@ def start_paused(
             pass_fds=(write_end,),
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # A test run started in the background of a non-interactive shell (`pytest &`) inherits
+            # SIGINT ignored, and so would the child: Ctrl-C as a terminal delivers it must work.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     os.close(write_end)  # the child holds the only write end: end-of-file if it exits first
     guard = threading.Timer(HANG_GUARD_SECONDS, proc.kill)
