@@ -304,7 +304,12 @@ def merge_many_cmd(
         family = FAMILY_NAMES.get(res.config, res.config)
         click.echo(f"wrote {res.output} ({family}, {len(res.inputs)} models, {_fmt_bytes(res.output_bytes)})")
         last = res.passes[-1]
-        state = "converged" if res.converged else "stopped at --max-passes"
+        if res.converged:
+            state = "converged"
+        elif len(res.passes) < max_passes:  # --iters 0: no model can move, one pass says so
+            state = "stopped: --iters 0 aligns nothing (a plain weighted mean)"
+        else:
+            state = "stopped at --max-passes"
         click.echo(
             f"MergeMany: {len(res.passes)} pass(es), {state}; objective {last.objective:.8g}; "
             f"reference {res.inputs[res.ref]}; permutations moved per model: "

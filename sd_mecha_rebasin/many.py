@@ -137,7 +137,11 @@ def _normalised(weights: Sequence[float] | None, n: int) -> list[float]:
     for i, w in enumerate(weights):
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"weight {i + 1} is {w}: weights must be finite and >= 0")
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # huge weights (1e308, 1e308): only their ratios matter
+        weights = [w / max(weights) for w in weights]
+        total = math.fsum(weights)
     if total <= 0:
         raise ValueError("the weights sum to 0")
     return [w / total for w in weights]
@@ -162,13 +166,20 @@ def compose(first: Permutations, then: Permutations) -> Permutations:
 
 
 def _load(
-    spec: PermutationSpec, model: Mapping[str, torch.Tensor], keys: Iterable[str], perms: Permutations | None
+    spec: PermutationSpec,
+    model: Mapping[str, torch.Tensor],
+    keys: Iterable[str],
+    perms: Permutations | None,
+    fp8_as: torch.dtype = torch.float16,
 ) -> dict[str, torch.Tensor]:
-    """The model's `keys`, as tensors of our own, permuted by `perms` when given."""
+    """The model's `keys`, as tensors of our own, permuted by `perms` when given; fp8 tensors
+    converted (exactly) to `fp8_as`, as torch has no arithmetic that mixes fp8 with other types."""
     fresh = bool(getattr(model, "fresh_tensors", False))
     out = {}
     for key in keys:
         value = model[key]
+        if _is_fp8(value.dtype):
+            value, fresh = value.to(fp8_as), True
         if perms is not None:
             permuted = permute_tensor(spec, key, value, perms)
             fresh = fresh or permuted is not value
@@ -359,7 +370,8 @@ def merge_many(
             for position, i in enumerate(visits, 1):
                 t0 = time.perf_counter()
                 first_visit = i not in placed
-                model = _load(spec, models[i], keys, None if first_visit else perms[i])
+                fp8_as = sum_dtype if compact else torch.float16  # exact either way
+                model = _load(spec, models[i], keys, None if first_visit else perms[i], fp8_as)
                 if first_visit:
                     admit({t.dtype for t in model.values()})
                     norms[i] = squared_norm(model)
@@ -443,7 +455,7 @@ def merge_many(
             history.append(stats)
             if on_progress is not None:
                 on_progress(stats)
-            if not stale:
+            if not stale or (models_changed == 0 and max_iter == 0):  # --iters 0: nothing can move
                 break
     total.clear()
     return_freed_memory()
@@ -484,6 +496,8 @@ def merged_tensors(
             value = model[key]
             out_dtype = out_dtype or value.dtype
             value = permute_tensor(spec, key, value, p)
+            if _is_fp8(value.dtype):  # no mixed-type arithmetic for fp8 in torch
+                value = value.float()
             if acc is None:
                 acc = value.to(torch.float32, copy=True).mul_(wi)
             else:

@@ -184,12 +184,17 @@ def _same_variant(ckpts: Sequence[Checkpoint], ref: int) -> None:
         have = input_channels(ckpt.canonical_shapes())
         if have != want:
             raise UserError(
-                f"is a {VARIANTS.get(have, f'{have}-channel')} model ({have} UNet input channels) but the "
-                f"reference {ckpts[ref].name} is a {VARIANTS.get(want, f'{want}-channel')} model ({want}): "
+                f"is {_a(VARIANTS.get(have, f'{have}-channel'))} model ({have} UNet input channels) but the "
+                f"reference {ckpts[ref].name} is {_a(VARIANTS.get(want, f'{want}-channel'))} model ({want}): "
                 "merge-many takes models of one kind (merge an inpainting model with a plain one with "
                 "`sd-rebasin merge`, the inpainting model first)",
                 ckpt.path,
             )
+
+
+def _a(word: str) -> str:
+    """`word` with its indefinite article ("an inpainting", "a standard", "an 8-channel")."""
+    return f"{'an' if word.startswith(tuple('aeiou8') + ('11', '18')) else 'a'} {word}"
 
 
 def _metadata(

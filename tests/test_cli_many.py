@@ -254,7 +254,7 @@ def test_an_inpainting_input_among_plain_ones_is_refused_by_name(inputs, tmp_pat
     write_safetensors(odd, inpaint, LAYOUT)
     out = tmp_path / "o.safetensors"
     rc, _, err = run_cli(capsys, "merge-many", paths[0], odd, paths[2], "-o", out)
-    assert_one_line_error(rc, err, 1, "inpaint.safetensors: is a inpainting model (9 UNet input channels)")
+    assert_one_line_error(rc, err, 1, "inpaint.safetensors: is an inpainting model (9 UNet input channels)")
     assert "m1.safetensors is a standard model (4)" in err and not out.exists()
 
 
@@ -272,3 +272,26 @@ def test_stale_partial_files_and_extra_bytes_are_reported(inputs, tmp_path, caps
     assert "padded.safetensors: 24 byte(s) after or between its tensors" in err
     assert "removed 1 partial file(s)" in err and stale.name in err
     assert out.exists() and not stale.exists()
+
+
+def test_fp8_inputs_and_iters_zero(inputs, tmp_path, capsys):
+    """fp8 files merge (widened exactly before any arithmetic); --iters 0 stops after one pass and says why."""
+    paths, base, _, spec = inputs
+    fp8 = []
+    for p in paths:
+        sd = load_file(p)
+        path = tmp_path / p.name
+        write_safetensors(
+            path,
+            {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in sd.items()},
+            LAYOUT,
+        )
+        fp8.append(path)
+    rc, stdout, err = run_cli(capsys, "merge-many", *fp8, "-o", tmp_path / "o.safetensors", "--json")
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report["running_sum_dtype"] == "float16" and report["converged"] is True
+    assert min(report["permutations_changed"][1:]) > 0
+    rc, stdout, err = run_cli(capsys, "merge-many", *paths, "-o", tmp_path / "z.safetensors", "--iters", "0")
+    assert rc == 0, err
+    assert "MergeMany: 1 pass(es), stopped: --iters 0 aligns nothing" in stdout

@@ -383,3 +383,44 @@ def test_inputs_without_headers_are_not_read_for_their_dtype_and_a_wide_one_wide
     assert [s.objective for s in widened.history] == pytest.approx(
         [s.objective for s in wide.history], rel=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "want"),
+    [
+        ((torch.float8_e4m3fn,) * N, torch.float16),
+        ((torch.float16, torch.float8_e4m3fn, torch.float16, torch.float8_e5m2), torch.float16),
+        ((torch.bfloat16, torch.float8_e4m3fn, torch.bfloat16, torch.bfloat16), torch.bfloat16),
+        ((torch.float32, torch.float8_e4m3fn, torch.float16, torch.float16), torch.float32),
+    ],
+    ids=["all-fp8", "fp16+fp8", "bf16+fp8", "fp32+fp8+fp16"],
+)
+def test_fp8_inputs_merge_exactly_in_a_wider_type(dtypes, want):
+    """torch has no arithmetic mixing fp8 with other types: fp8 tensors are widened (exactly) first."""
+    c = Case("sd1")
+    models = [as_dtype([m], d)[0] for m, d in zip(c.models, dtypes)]
+    result = merge_many(c.spec, models, threads=2)
+    assert result.sum_dtype == want
+    assert all(same_perms(result.perms[i], c.expected(i)) for i in range(N))
+    keys = c.keys[:5]
+    got = dict(merged_tensors(c.spec, models, result.perms, keys=keys, dtype=torch.float32))
+    for k in keys:
+        want_k = (
+            sum(apply_permutation(c.spec, p, {k: m[k].float()})[k] for p, m in zip(result.perms, models)) / N
+        )
+        torch.testing.assert_close(got[k], want_k, rtol=1e-6, atol=1e-7)
+
+
+def test_iters_zero_stops_after_one_pass():
+    """No alignment can move a model: one pass shows it (not --max-passes passes of nothing)."""
+    c = Case("sd1", n=3)
+    result = merge_many(c.spec, c.models, threads=2, max_iter=0, max_passes=50)
+    assert result.passes == 1 and not result.converged
+    assert all(np.array_equal(p, np.arange(len(p))) for perms in result.perms for p in perms.values())
+
+
+def test_huge_weights_are_normalised_without_overflow():
+    spec, shapes = tiny_spec("sd1")
+    models = [random_state_dict(shapes, seed=i) for i in range(2)]
+    result = merge_many(spec, models, weights=[1e308, 1e308], max_iter=0)
+    assert result.weights == [0.5, 0.5]
