@@ -255,8 +255,8 @@ def align(
     "--weights",
     default=None,
     metavar="w1,...,wN",
-    help="Weight of each model (normalised to sum 1), for the means models align to and for the output. "
-    "Default: equal.",
+    help="Weight of each model (normalised to sum 1), for the means models align to and for the output: "
+    "finite, >= 0, the reference's > 0. Default: equal.",
 )
 @click.option(
     "--ref",
@@ -284,9 +284,11 @@ def merge_many_cmd(
 ) -> int:
     """Re-base N models into one basis (Git Re-Basin MergeMany) and write their weighted mean.
 
-    Each model is aligned by weight matching to the weighted mean of the others, pass after pass,
-    until no model moves. The output lives in the reference's basis and has its keys, so LoRAs
-    and ControlNets made for the reference's base keep working. Memory does not grow with N.
+    M1 ... MN: at least 2 checkpoints of one family (.safetensors, .ckpt, .pt); a file given twice
+    counts twice. Each model is aligned by weight matching to the weighted mean of the others,
+    pass after pass, until no model moves. The output lives in the reference's basis and has its
+    keys, so LoRAs and ControlNets made for the reference's base keep working. Memory does not
+    grow with N.
     """
     from .many_job import merge_many_files, parse_weights
 
