@@ -264,22 +264,22 @@ def test_half_precision_inputs_use_a_half_sum_and_recover_every_permutation(fami
     assert running_sum_dtype(half, c.keys) == torch.float16
     events = []
     compact = merge_many(c.spec, half, threads=2, on_progress=events.append)
-    wide = merge_many(c.spec, half, threads=2, sum_dtype=torch.float32)
-    assert compact.converged
-    assert (compact.sum_dtype, wide.sum_dtype) == (torch.float16, torch.float32)
+    assert compact.converged and compact.sum_dtype == torch.float16
+    for i in range(
+        N
+    ):  # what the float32 sum finds (test_recovers_every_permutation_relative_to_the_reference)
+        assert same_perms(compact.perms[i], c.expected(i)), i
     # Pass 1 moved every model: the sum is rebuilt (announced first), pass 2 moved none: it is not.
     kinds = [type(e).__name__ for e in events]
     assert kinds[: N - 1] == ["ModelStep"] * (N - 1) and kinds[N - 1 : N + 1] == ["SumRebuild", "PassStats"]
     assert compact.history[0].rebuild_seconds > 0 and compact.history[-1].rebuild_seconds == 0
-    assert all(s.rebuild_seconds == 0 for s in wide.history)
-    for i in range(N):
-        assert same_perms(compact.perms[i], c.expected(i)), i
-        assert same_perms(compact.perms[i], wide.perms[i]), i
-    # The pass objectives come from the exact (float32, rebuilt) sum, so they agree with the
-    # float32 sum's to float32 rounding, not to float16's.
-    assert [s.objective for s in compact.history] == pytest.approx(
-        [s.objective for s in wide.history], rel=1e-6
-    )
+    if family == "sd1":  # the pass objectives come from the exact rebuilt sum: a float32 sum's to 1e-6
+        wide = merge_many(c.spec, half, threads=2, sum_dtype=torch.float32)
+        assert wide.sum_dtype == torch.float32 and all(s.rebuild_seconds == 0 for s in wide.history)
+        assert all(same_perms(p, q) for p, q in zip(compact.perms, wide.perms))
+        assert [s.objective for s in compact.history] == pytest.approx(
+            [s.objective for s in wide.history], rel=1e-6
+        )
 
 
 def test_bfloat16_sum_recovers_every_permutation():
