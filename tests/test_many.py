@@ -53,6 +53,20 @@ def same_perms(p, q) -> bool:
     return p.keys() == q.keys() and all(np.array_equal(p[n], q[n]) for n in p)
 
 
+def pairwise_objective(spec, models, perms, weights) -> float:
+    """The paper's objective from the permutations: sum_{i<j} w_i w_j <pi_i M_i, pi_j M_j> (float64)."""
+    keys = [k for k in spec.axes if k in models[0]]
+    aligned = [apply_permutation(spec, p, {k: m[k] for k in keys}) for p, m in zip(perms, models)]
+    n = len(models)
+    return sum(
+        weights[i]
+        * weights[j]
+        * sum(float((aligned[i][k].double() * aligned[j][k].double()).sum()) for k in keys)
+        for i in range(n)
+        for j in range(i + 1, n)
+    )
+
+
 class Case:
     """N models: model i = hidden_i(base + noise_i), every hidden_i a different random legal permutation."""
 
@@ -134,16 +148,7 @@ def test_objective_never_decreases_and_matches_its_definition():
     for before, after in zip(objectives, objectives[1:]):
         assert after >= before - 1e-9 * abs(before), objectives
     assert objectives[-1] > objectives[0]
-    # The last objective recomputed from the permutations: sum_{i<j} w_i w_j <pi_i M_i, pi_j M_j>.
-    keys = [k for k in spec.axes if k in models[0]]
-    aligned = [apply_permutation(spec, p, {k: m[k] for k in keys}) for p, m in zip(result.perms, models)]
-    pairwise = sum(
-        weights[i]
-        * weights[j]
-        * sum(float((aligned[i][k].double() * aligned[j][k].double()).sum()) for k in keys)
-        for i in range(N)
-        for j in range(i + 1, N)
-    )
+    pairwise = pairwise_objective(spec, models, result.perms, weights)
     assert objectives[-1] == pytest.approx(pairwise, rel=1e-5)
     gains = [s.gain for s in steps if hasattr(s, "gain")]
     assert all(g >= -1e-9 * abs(objectives[-1]) for g in gains)
@@ -298,15 +303,7 @@ def test_half_sum_objective_never_decreases_and_matches_its_definition():
     assert len(objectives) >= 2 and result.history[1].models_changed > 0
     for before, after in zip(objectives, objectives[1:]):
         assert after >= before - 1e-9 * abs(before), objectives
-    keys = [k for k in spec.axes if k in models[0]]
-    aligned = [apply_permutation(spec, p, {k: m[k] for k in keys}) for p, m in zip(result.perms, models)]
-    pairwise = sum(
-        weights[i]
-        * weights[j]
-        * sum(float((aligned[i][k].double() * aligned[j][k].double()).sum()) for k in keys)
-        for i in range(N)
-        for j in range(i + 1, N)
-    )
+    pairwise = pairwise_objective(spec, models, result.perms, weights)
     assert objectives[-1] == pytest.approx(pairwise, rel=1e-6)
 
 
