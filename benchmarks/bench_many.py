@@ -59,7 +59,7 @@ def build(config: str, n: int) -> None:
 
     from sd_mecha_rebasin import permutation_spec
     from sd_mecha_rebasin.architectures import config_shapes
-    from sd_mecha_rebasin.merge_method import bound_keys
+    from sd_mecha_rebasin.mecha.merge_method import bound_keys
 
     t0 = time.perf_counter()
     CACHE.mkdir(exist_ok=True)
@@ -96,9 +96,9 @@ def _status_gb(field: str, pid: str = "self") -> float:
 
 
 def run_ours(config: str, n: int, out: pathlib.Path, iters: int) -> dict:
-    from sd_mecha_rebasin.jobs import RunOptions
-    from sd_mecha_rebasin.many import PassStats
-    from sd_mecha_rebasin.many_job import merge_many_files
+    from sd_mecha_rebasin.cli.jobs import RunOptions
+    from sd_mecha_rebasin.cli.many_job import merge_many_files
+    from sd_mecha_rebasin.search.many import PassStats
 
     passes: list[dict] = []
 
@@ -200,9 +200,9 @@ def quality(config: str, n: int, outputs: dict[str, pathlib.Path]) -> dict[str, 
     """`||output - pi_1(base)||` for each output, and the ideal `||mean_i noise_i||` (float64, one
     key at a time; each model's hidden permutation undone to find its noise)."""
     from sd_mecha_rebasin import permutation_spec
-    from sd_mecha_rebasin.checkpoint import open_checkpoint
-    from sd_mecha_rebasin.lazy import FileStateDict
-    from sd_mecha_rebasin.spec import invert, permute_tensor
+    from sd_mecha_rebasin.files.checkpoint import open_checkpoint
+    from sd_mecha_rebasin.files.lazy import FileStateDict
+    from sd_mecha_rebasin.permutations.spec import invert, permute_tensor
 
     def lazy(path: pathlib.Path) -> FileStateDict:  # read with seeks, not mmap: RSS stays small
         return FileStateDict(open_checkpoint(path))

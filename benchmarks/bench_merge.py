@@ -47,7 +47,7 @@ def build_pair(config: str) -> None:
 
     from sd_mecha_rebasin import permutation_spec, random_permutation
     from sd_mecha_rebasin.architectures import config_shapes
-    from sd_mecha_rebasin.merge_method import bound_keys
+    from sd_mecha_rebasin.mecha.merge_method import bound_keys
 
     t0 = time.perf_counter()
     metadata = sd_mecha.extensions.model_configs.resolve(config).keys()
@@ -80,7 +80,7 @@ def run_one(kind: str, config: str, out: pathlib.Path, iters: int, device: str =
     import sd_mecha
 
     import sd_mecha_rebasin
-    from sd_mecha_rebasin import events
+    from sd_mecha_rebasin.common import events
 
     a_path, b_path = pair_paths(config)
     a, b = sd_mecha.model(a_path, config=config), sd_mecha.model(b_path, config=config)
@@ -175,7 +175,7 @@ def distance_to(reference: pathlib.Path, other: pathlib.Path, undo: tuple | None
     `undo=(spec, perms)` permutes `other` first."""
     from safetensors import safe_open
 
-    from sd_mecha_rebasin.spec import permute_tensor
+    from sd_mecha_rebasin.permutations.spec import permute_tensor
 
     total = 0.0
     with safe_open(str(reference), "pt") as ref, safe_open(str(other), "pt") as oth:
@@ -191,7 +191,7 @@ def distance_to(reference: pathlib.Path, other: pathlib.Path, undo: tuple | None
 def ideal_distance(config: str) -> float:
     """`||A + noise / 2 - A||`: the distance to A of the merge with the hidden permutation undone."""
     from sd_mecha_rebasin import permutation_spec, random_permutation
-    from sd_mecha_rebasin.spec import invert
+    from sd_mecha_rebasin.permutations.spec import invert
 
     spec = permutation_spec(config)
     return 0.5 * distance_to(*pair_paths(config), undo=(spec, invert(random_permutation(spec, seed=1))))

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from sd_mecha_rebasin import matching, permutation_spec
+from sd_mecha_rebasin import permutation_spec
 from sd_mecha_rebasin.architectures import config_shapes
-from sd_mecha_rebasin.merge_method import bound_keys
+from sd_mecha_rebasin.mecha.merge_method import bound_keys
+from sd_mecha_rebasin.search import matching
 
 
 def product_shapes(config: str) -> collections.Counter:

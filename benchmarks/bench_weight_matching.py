@@ -17,7 +17,7 @@ import torch
 
 from sd_mecha_rebasin import permutation_spec, random_permutation, weight_matching
 from sd_mecha_rebasin.architectures import config_shapes
-from sd_mecha_rebasin.spec import invert, permute_tensor
+from sd_mecha_rebasin.permutations.spec import invert, permute_tensor
 
 
 def random_weights(

@@ -15,7 +15,7 @@ import sd_mecha
 import torch
 
 import sd_mecha_rebasin  # noqa: F401  (registers the git_rebasin merge method and the sd2-ldm config)
-from sd_mecha_rebasin import events
+from sd_mecha_rebasin.common import events
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -49,8 +49,10 @@ def rebasin_options(args: argparse.Namespace) -> dict[str, Any]:
 def _print_sweeps(event: str, data: dict[str, Any]) -> None:
     if event == "sweep":
         s = data["stats"]
-        print(f"re-basin sweep {s.sweep}: {s.changed} permutations changed, distance to ref x{s.rel_distance:.4f}",
-              file=sys.stderr)
+        print(
+            f"re-basin sweep {s.sweep}: {s.changed} permutations changed, distance to ref x{s.rel_distance:.4f}",
+            file=sys.stderr,
+        )
 
 
 def merge(recipe: Any, out: pathlib.Path, dtype: str = "fp16") -> None:

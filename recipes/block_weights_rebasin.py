@@ -30,8 +30,8 @@ import sd_mecha
 from _common import merge, model, parser, rebasin_options
 
 from sd_mecha_rebasin import rebasin
-from sd_mecha_rebasin.blocks import Alpha, parse_alpha
-from sd_mecha_rebasin.mecha_interface import inferred_config
+from sd_mecha_rebasin.mecha.blocks import Alpha, parse_alpha
+from sd_mecha_rebasin.mecha.interface import inferred_config
 
 OUTER_TO_B = "BASE=0,M00=0.5," + ",".join(f"OUT{i:02}=1" for i in range(12)) + ",default=0"
 """SD1/SD2 example: A's BASE and input blocks, the middle block averaged, pi(B)'s output blocks."""
@@ -41,7 +41,7 @@ def recipe(
     a: Any, b: Any, alpha: str | float | Alpha = OUTER_TO_B, config: str | None = None, **options: Any
 ) -> Any:
     """`b` aligned to `a`, then averaged with it block by block; `alpha` is B's weight (a number,
-    the text forms of `sd_mecha_rebasin.blocks.parse_alpha`, or its result). `config`: A's sd-mecha
+    the text forms of `sd_mecha_rebasin.mecha.blocks.parse_alpha`, or its result). `config`: A's sd-mecha
     config (default: inferred from `a`, as sd-mecha would). Raises ValueError for block weights
     that do not fit the family, or a model whose config sd-mecha cannot tell."""
     a = model(a)

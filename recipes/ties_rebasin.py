@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=float, default=0.2, help="fraction of each task vector kept (default 0.2)")
     p.add_argument("--alpha", type=float, default=1.0, help="scale of the merged task vector (default 1.0)")
     args = p.parse_args(argv)
-    merge(recipe(args.base, *args.m, k=args.k, alpha=args.alpha, **rebasin_options(args)), args.out, args.dtype)
+    merge(
+        recipe(args.base, *args.m, k=args.k, alpha=args.alpha, **rebasin_options(args)), args.out, args.dtype
+    )
 
 
 if __name__ == "__main__":

@@ -25,19 +25,33 @@ HERE = pathlib.Path(__file__).resolve().parent
 #: file stem -> (recipe function, placeholder model files in argument order)
 RECIPES = {
     "rebasin_average": (rebasin_average.recipe, ["A.safetensors", "B.safetensors"]),
-    "ties_rebasin": (ties_rebasin.recipe, ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
-    "add_difference_rebasin": (add_difference_rebasin.recipe, ["A.safetensors", "B.safetensors", "C.safetensors"]),
-    "align_many": (align_many.recipe, ["ref.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
+    "ties_rebasin": (
+        ties_rebasin.recipe,
+        ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"],
+    ),
+    "add_difference_rebasin": (
+        add_difference_rebasin.recipe,
+        ["A.safetensors", "B.safetensors", "C.safetensors"],
+    ),
+    "align_many": (
+        align_many.recipe,
+        ["ref.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"],
+    ),
     # SD1 (the placeholder files cannot be inspected): sd-mecha's sd1-supermerger_blocks conversion
     "block_weights_rebasin": (
         functools.partial(block_weights_rebasin.recipe, config="sd1-ldm"),
         ["A.safetensors", "B.safetensors"],
     ),
     "merge_many": (merge_many.recipe, ["M1.safetensors", "M2.safetensors", "M3.safetensors"]),
-    "ties_many": (ties_many.recipe, ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"]),
+    "ties_many": (
+        ties_many.recipe,
+        ["base.safetensors", "M1.safetensors", "M2.safetensors", "M3.safetensors"],
+    ),
 }
 
-HEADER = "# needs `import sd_mecha_rebasin` before sd_mecha.deserialize: it registers the merge method git_rebasin"
+HEADER = (
+    "# needs `import sd_mecha_rebasin` before sd_mecha.deserialize: it registers the merge method git_rebasin"
+)
 HEADER_MANY = HEADER.replace("git_rebasin", "git_rebasin_many")
 
 

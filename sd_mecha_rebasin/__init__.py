@@ -2,22 +2,26 @@
 
 Importing the package registers the `sd2-ldm` model config with sd-mecha, the `git_rebasin` merge
 method, and its implementations of sd-mecha's `rebasin` interface for sd1-ldm, sd2-ldm and sdxl-sgm
-(`mecha_interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2 and SDXL, and the
-conversion of SD1 block weights to sd2-ldm keys (`blocks`).
+(`mecha.interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2 and SDXL, and the
+conversion of SD1 block weights to sd2-ldm keys (`mecha.blocks`).
+
+The folders are the layers, lowest first: `common`, `model_configs`, `permutations`,
+`architectures`, `search`, `files`, `mecha`, `cli`; a module imports only from its own layer or
+below (tests/test_layers.py).
 """
 
 from .architectures import permutation_spec
-from .many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors
-from .matching import MatchResult, SweepStats, weight_matching
-from .merge_method import rebasin
-from .merge_method_many import rebasin_many
+from .mecha.input_channels import fill_input_channels
+from .mecha.merge_method import rebasin
+from .mecha.merge_method_many import rebasin_many
 from .model_configs import register_model_configs
-from .spec import Permutations, PermutationSpec, apply_permutation, random_permutation
-from .variants import fill_input_channels
+from .permutations.spec import Permutations, PermutationSpec, apply_permutation, random_permutation
+from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors
+from .search.matching import MatchResult, SweepStats, weight_matching
 
 register_model_configs()
 
-from . import blocks, mecha_interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
+from .mecha import blocks, interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
 
 __all__ = [
     "ManyResult",

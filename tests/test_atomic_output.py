@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 from support.demo_files import write_demo_pair
 from support.paused import start_paused
 
-import sd_mecha_rebasin.output as output
-from sd_mecha_rebasin.checkpoint import UserError, detect_family, open_checkpoint
-from sd_mecha_rebasin.cli import main
-from sd_mecha_rebasin.jobs import DTYPES, expected_output_bytes
-from sd_mecha_rebasin.output import PARTIAL_MARK, AtomicOutput, partial_path, remove_stale_partials
+import sd_mecha_rebasin.files.output as output
+from sd_mecha_rebasin.cli.commands import main
+from sd_mecha_rebasin.cli.jobs import DTYPES, expected_output_bytes
+from sd_mecha_rebasin.common.errors import UserError
+from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
+from sd_mecha_rebasin.files.output import PARTIAL_MARK, AtomicOutput, partial_path, remove_stale_partials
 
 NO_SUCH_PID = 2**22 + 1
 """Above Linux's largest possible pid_max (2^22): never a running process."""

@@ -1,4 +1,4 @@
-"""Block weights (MBW) with re-basin: `sd_mecha_rebasin/blocks.py` and `sd-rebasin merge --alpha`.
+"""Block weights (MBW) with re-basin: `sd_mecha_rebasin/mecha/blocks.py` and `sd-rebasin merge --alpha`.
 
 A per-block alpha of 0 everywhere except one block at 1 must give A's weights, bit for bit, on
 every key outside that block, and re-based B's weights (here: the un-permuted fine-tune that B is a
@@ -21,8 +21,8 @@ from test_recipes import merge as recipes_merge
 from test_recipes import merge_mecha, models  # noqa: F401  (fixture)
 
 from sd_mecha_rebasin import rebasin
-from sd_mecha_rebasin.blocks import Alpha, block_names, parse_alpha, sd2_block_of
-from sd_mecha_rebasin.merge_method import arch_override
+from sd_mecha_rebasin.mecha.blocks import Alpha, block_names, parse_alpha, sd2_block_of
+from sd_mecha_rebasin.mecha.merge_method import arch_override
 
 UNET = "model.diffusion_model."
 
@@ -154,7 +154,7 @@ def test_cli_block_weights_end_to_end(tiny, tmp_path):  # noqa: F811
     """`merge --alpha IN04=1 --alpha-default 0` through the CLI's job (`jobs.run`), tiny SD1 files."""
     from support.layouts import arch_overrides, key_shapes
 
-    from sd_mecha_rebasin import jobs
+    from sd_mecha_rebasin.cli import jobs
 
     t = tiny("sd1")
     fine = t.fine_tune(seed=31)

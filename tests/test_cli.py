@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_mecha_rebasin.checkpoint import UserError
-from sd_mecha_rebasin.cli import main
-from sd_mecha_rebasin.output import AtomicOutput, write_safetensors
+from sd_mecha_rebasin.cli.commands import main
+from sd_mecha_rebasin.common.errors import UserError
+from sd_mecha_rebasin.files.output import AtomicOutput, write_safetensors
 
 HANG_GUARD_SECONDS = 1800
 """Subprocess timeouts only catch a hang: the commands take seconds even on a loaded machine."""
@@ -220,7 +220,7 @@ def test_output_directory_not_writable(pair, tmp_path, monkeypatch, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     if os.geteuid() == 0:  # root writes anywhere: simulate the refusal
-        import sd_mecha_rebasin.output as output
+        import sd_mecha_rebasin.files.output as output
 
         real_open = os.open
 
@@ -333,7 +333,7 @@ def test_write_safetensors_round_trip(tmp_path):
 
 
 def test_atomic_output_leaves_nothing_on_interrupt(tmp_path, monkeypatch):
-    import sd_mecha_rebasin.output as output
+    import sd_mecha_rebasin.files.output as output
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -552,7 +552,7 @@ def test_ctrl_c_leaves_no_file(models, tmp_path):
 
     from support.paused import HANG_GUARD_SECONDS, start_paused
 
-    from sd_mecha_rebasin.output import partial_path
+    from sd_mecha_rebasin.files.output import partial_path
 
     a, b = map(pathlib.Path, models)
     folder = tmp_path / "out"

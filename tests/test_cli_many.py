@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error, config_shapes, run_cli, sparse
 
 from sd_mecha_rebasin import apply_permutation, random_permutation
-from sd_mecha_rebasin.demo import random_weights, scheduler_buffers
-from sd_mecha_rebasin.many_job import merge_many_files
-from sd_mecha_rebasin.output import write_safetensors
+from sd_mecha_rebasin.cli.demo import random_weights, scheduler_buffers
+from sd_mecha_rebasin.cli.many_job import merge_many_files
+from sd_mecha_rebasin.files.output import write_safetensors
 
 N = 3
 LAYOUT = {"sd_rebasin_layout": "demo-small-sd1"}
@@ -26,7 +26,8 @@ LAYOUT = {"sd_rebasin_layout": "demo-small-sd1"}
 def inputs(tmp_path_factory):
     """N demo-layout files: model i = hidden_i(A) + 1% noise (hidden_0 = identity), plus buffers."""
     from sd_mecha_rebasin import permutation_spec
-    from sd_mecha_rebasin.demo import CONFIG, SMALL_ARCH, small_shapes
+    from sd_mecha_rebasin.architectures.small import SMALL_ARCH, small_shapes
+    from sd_mecha_rebasin.cli.demo import CONFIG
 
     directory = tmp_path_factory.mktemp("many")
     shapes = small_shapes()
@@ -125,7 +126,7 @@ def test_half_precision_inputs_use_a_half_sum_rebuilt_after_pass_one(inputs, tmp
 
 def test_ref_puts_the_output_in_that_models_basis(inputs, tmp_path):
     paths, base, hidden, spec = inputs
-    from sd_mecha_rebasin.jobs import RunOptions
+    from sd_mecha_rebasin.cli.jobs import RunOptions
 
     out = tmp_path / "ref2.safetensors"
     res = merge_many_files(
@@ -196,8 +197,8 @@ def test_output_that_is_an_input_or_exists(inputs, tmp_path, capsys):
 
 def test_recovers_the_hidden_permutations(inputs, tmp_path):
     paths, _, hidden, spec = inputs
-    from sd_mecha_rebasin.jobs import RunOptions
-    from sd_mecha_rebasin.spec import invert
+    from sd_mecha_rebasin.cli.jobs import RunOptions
+    from sd_mecha_rebasin.permutations.spec import invert
 
     progress = []
     res = merge_many_files(
@@ -209,8 +210,8 @@ def test_recovers_the_hidden_permutations(inputs, tmp_path):
     assert res.converged and progress
     # Recompute with the library to read the permutations (the job reports counts only).
     from sd_mecha_rebasin import merge_many
-    from sd_mecha_rebasin.checkpoint import detect_family, open_checkpoint
-    from sd_mecha_rebasin.lazy import FileStateDict
+    from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
+    from sd_mecha_rebasin.files.lazy import FileStateDict
 
     models = []
     for p in paths:

@@ -15,7 +15,7 @@ from support.forward import max_rel_error, run_model
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
 from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation
-from sd_mecha_rebasin.spec import Permutations, permute_tensor
+from sd_mecha_rebasin.permutations.spec import Permutations, permute_tensor
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 LEGAL = 1e-5

@@ -17,9 +17,10 @@ import pytest
 import torch
 from support import quirks
 
-from sd_mecha_rebasin.checkpoint import UserError, open_checkpoint
-from sd_mecha_rebasin.cli import main
-from sd_mecha_rebasin.safetensors_file import MAX_HEADER_BYTES, HeaderError, read_header, read_tensors
+from sd_mecha_rebasin.cli.commands import main
+from sd_mecha_rebasin.common.errors import UserError
+from sd_mecha_rebasin.files.checkpoint import open_checkpoint
+from sd_mecha_rebasin.files.safetensors_file import MAX_HEADER_BYTES, HeaderError, read_header, read_tensors
 
 TENSORS = {
     "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from sd_mecha_rebasin import groups, lap
-from sd_mecha_rebasin.groups import Atom, Block, Cut
+from sd_mecha_rebasin.permutations import groups, lap
+from sd_mecha_rebasin.permutations.groups import Atom, Block, Cut
 
 
 def _all_elements(node):

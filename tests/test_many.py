@@ -18,10 +18,10 @@ from sd_mecha_rebasin import (
     random_permutation,
     weight_matching,
 )
-from sd_mecha_rebasin.checkpoint import detect_family, open_checkpoint
-from sd_mecha_rebasin.lazy import FileStateDict
-from sd_mecha_rebasin.many import compose, running_sum_dtype
-from sd_mecha_rebasin.spec import invert
+from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
+from sd_mecha_rebasin.files.lazy import FileStateDict
+from sd_mecha_rebasin.permutations.spec import invert
+from sd_mecha_rebasin.search.many import compose, running_sum_dtype
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 N = 4

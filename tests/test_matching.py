@@ -7,15 +7,10 @@ import pytest
 import torch
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
-from sd_mecha_rebasin import (
-    apply_permutation,
-    matching,
-    permutation_spec,
-    random_permutation,
-    weight_matching,
-)
-from sd_mecha_rebasin.spec import identity_permutation, invert, permute_tensor
-from sd_mecha_rebasin.warm_start import invariant_feature_start
+from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, weight_matching
+from sd_mecha_rebasin.permutations.spec import identity_permutation, invert, permute_tensor
+from sd_mecha_rebasin.search import matching
+from sd_mecha_rebasin.search.warm_start import invariant_feature_start
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 
@@ -196,7 +191,7 @@ def test_unknown_precision_is_refused():
 )
 def test_take_along_matches_index_select_bit_for_bit(dtype):
     """The numpy gather behind every permutation gives torch's result for any dtype, never a view."""
-    from sd_mecha_rebasin.spec import take_along
+    from sd_mecha_rebasin.permutations.spec import take_along
 
     gen = torch.Generator().manual_seed(3)
     values = (torch.randn(6, 5, 3, 2, generator=gen) * 100).to(dtype)

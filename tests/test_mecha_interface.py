@@ -1,4 +1,4 @@
-"""sd-mecha's own `rebasin` interface after `import sd_mecha_rebasin` (sd_mecha_rebasin/mecha_interface.py).
+"""sd-mecha's own `rebasin` interface after `import sd_mecha_rebasin` (sd_mecha_rebasin/mecha/interface.py).
 
 `sd_mecha.rebasin(b, a)` must reach our implementation for the config sd-mecha infers (SD1, SD2,
 SDXL; never an SDXL candidate for SD1), recover a hidden permutation exactly, and serialize to
@@ -25,8 +25,8 @@ from test_merge_method import (  # noqa: F401  (fixtures)
 )
 
 import sd_mecha_rebasin
-from sd_mecha_rebasin import mecha_interface
-from sd_mecha_rebasin.mecha_interface import implementation_identifier
+from sd_mecha_rebasin.mecha import interface as mecha_interface
+from sd_mecha_rebasin.mecha.interface import implementation_identifier
 
 BUILTIN = "rebasin_sdxl_sgm"
 INTERFACE = mecha_methods.resolve("rebasin").interface
@@ -43,7 +43,7 @@ def test_implementations_are_registered_after_the_builtin_which_stays():
         assert names == ["a", "ref", "iters", "seed", "threads", "device", "precision", "kwargs"]
         assert method.get_signature().parameters["iters"].default == 10  # the interface's default
         assert method.get_signature().return_annotation.data.model_config.identifier == config
-    assert sd_mecha_rebasin.mecha_interface.register_implementations() == mecha_interface.IMPLEMENTATIONS
+    assert sd_mecha_rebasin.mecha.interface.register_implementations() == mecha_interface.IMPLEMENTATIONS
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

@@ -26,9 +26,10 @@ from support.forward import max_rel_error, run_model
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
 import sd_mecha_rebasin
-from sd_mecha_rebasin import apply_permutation, events, permutation_spec, random_permutation, rebasin
-from sd_mecha_rebasin.merge_method import arch_override
-from sd_mecha_rebasin.spec import Permutations, PermutationSpec, permute_tensor
+from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, rebasin
+from sd_mecha_rebasin.common import events
+from sd_mecha_rebasin.mecha.merge_method import arch_override
+from sd_mecha_rebasin.permutations.spec import Permutations, PermutationSpec, permute_tensor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
@@ -230,7 +231,7 @@ def test_inputs_may_be_recipe_nodes(tiny):
 def test_keys_outside_the_spec_pass_through_and_keys_missing_in_ref_are_still_permuted(tiny, monkeypatch):
     """Also: an EMA copy of a UNet weight is permuted like that weight. Bound keys are handed out
     from the pre-pass's permuted copy of `a`: only the EMA copy is read and permuted again."""
-    from sd_mecha_rebasin import merge_method
+    from sd_mecha_rebasin.mecha import merge_method
 
     streamed: list[str] = []
 
@@ -394,7 +395,7 @@ def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(tiny, tmp_p
 
 @pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])
 def test_compact_keeps_values_exactly_across_chunks(monkeypatch, narrow):
-    from sd_mecha_rebasin import merge_method
+    from sd_mecha_rebasin.mecha import merge_method
 
     monkeypatch.setattr(merge_method, "COMPACT_CHUNK", 7)  # many chunks, the last one ragged
     scale = 1e6 if narrow == torch.bfloat16 else 1.0  # beyond fp16's range: only bf16 holds them

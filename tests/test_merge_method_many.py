@@ -11,7 +11,8 @@ from sd_mecha.extensions import merge_methods as mecha_methods
 from test_merge_method import _one_torch_thread, noise_like, tiny  # noqa: F401  (fixtures)
 
 import sd_mecha_rebasin
-from sd_mecha_rebasin import merge_method_many, rebasin_many
+from sd_mecha_rebasin import rebasin_many
+from sd_mecha_rebasin.mecha import merge_method_many
 
 N = 3
 

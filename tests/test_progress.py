@@ -17,12 +17,12 @@ import sys
 import pytest
 from support.demo_files import write_demo_pair
 
-from sd_mecha_rebasin import events
-from sd_mecha_rebasin.cli import main
-from sd_mecha_rebasin.jobs import RunOptions, run
-from sd_mecha_rebasin.matching import SweepStats
-from sd_mecha_rebasin.merge_method import bound_keys
-from sd_mecha_rebasin.progress import Progress
+from sd_mecha_rebasin.cli.commands import main
+from sd_mecha_rebasin.cli.jobs import RunOptions, run
+from sd_mecha_rebasin.cli.progress import Progress
+from sd_mecha_rebasin.common import events
+from sd_mecha_rebasin.mecha.merge_method import bound_keys
+from sd_mecha_rebasin.search.matching import SweepStats
 
 
 class RecordingProgress(Progress):
@@ -159,7 +159,7 @@ def test_a_tiny_merge_reports_every_phase_in_order(demo_pair, tmp_path):
         result = run("merge", a, b, output, RunOptions(threads=2, progress=False, quiet=True))
     names = [e for e, _ in received]
 
-    from sd_mecha_rebasin.checkpoint import open_checkpoint
+    from sd_mecha_rebasin.files.checkpoint import open_checkpoint
 
     n_keys = sum(len(open_checkpoint(p).shapes) for p in (a, b))
     after_scan = _check_phase(received, "scan", n_keys)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from support import quirks
 from support.quirks import INPUT_CONV, SD1_CLIP, UNET
 
-from sd_mecha_rebasin.checkpoint import UserError, detect_family, open_checkpoint
-from sd_mecha_rebasin.cli import main
-from sd_mecha_rebasin.jobs import RunOptions, run
+from sd_mecha_rebasin.cli.commands import main
+from sd_mecha_rebasin.cli.jobs import RunOptions, run
+from sd_mecha_rebasin.common.errors import UserError
+from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
 
 POSITION_IDS = SD1_CLIP + "embeddings.position_ids"
 NEVER_PERMUTED = UNET + "out.2.bias"  # the UNet's output channels (latents) are never permuted
@@ -270,7 +271,7 @@ def _spec(config: str, arch, shapes):
 
 
 def _small_spec(shapes_changes: dict | None = None):
-    from sd_mecha_rebasin.demo import SMALL_ARCH, small_shapes
+    from sd_mecha_rebasin.architectures.small import SMALL_ARCH, small_shapes
 
     shapes = {**small_shapes(), **(shapes_changes or {})}
     return _spec("sd1-ldm", SMALL_ARCH, shapes)
@@ -285,8 +286,8 @@ def _small_spec(shapes_changes: dict | None = None):
     ],
 )
 def test_fp8_weights_merge_with_fp32_arithmetic(tmp_path, fp8_in, fp8, output_dtype):
-    from sd_mecha_rebasin.jobs import DTYPES
-    from sd_mecha_rebasin.spec import permute_tensor
+    from sd_mecha_rebasin.cli.jobs import DTYPES
+    from sd_mecha_rebasin.permutations.spec import permute_tensor
 
     sd_a, sd_b = quirks.small_pair()
     if "A" in fp8_in:
@@ -351,7 +352,7 @@ def _variant_pair(channels_a: int, channels_b: int, tmp_path: pathlib.Path):
 
 @pytest.mark.parametrize("channels_a, channels_b", [(9, 9), (8, 8), (9, 4)])
 def test_variant_merges_keep_the_extra_channels_of_a(tmp_path, channels_a, channels_b):
-    from sd_mecha_rebasin.spec import permute_tensor
+    from sd_mecha_rebasin.permutations.spec import permute_tensor
 
     a, b, sd_a, sd_b = _variant_pair(channels_a, channels_b, tmp_path)
     alpha = 0.3
@@ -402,7 +403,7 @@ def test_variant_pairs_that_cannot_merge(tmp_path, capsys, channels_a, channels_
 
 
 def test_align_accepts_a_plain_reference_for_an_inpainting_model(tmp_path):
-    from sd_mecha_rebasin.spec import permute_tensor
+    from sd_mecha_rebasin.permutations.spec import permute_tensor
 
     a, b, _, sd_b = _variant_pair(4, 9, tmp_path)
     result = run(
@@ -422,7 +423,7 @@ def test_align_accepts_a_plain_reference_for_an_inpainting_model(tmp_path):
 def test_full_size_variant_layouts_pass_validation(tmp_path, capsys):
     """Real SD1 shapes (sparse files, no data read): plain + inpainting is refused the right way
     round, two inpainting models pass validation, inspect names the variant."""
-    from sd_mecha_rebasin.jobs import load_inputs
+    from sd_mecha_rebasin.cli.jobs import load_inputs
 
     layout = {k: v for k, v in _config_shapes("sd1-ldm").items()}
     plain = _sparse(tmp_path / "sd15.safetensors", layout)
@@ -472,7 +473,7 @@ def _sparse(path: pathlib.Path, layout: dict[str, tuple[int, ...]]) -> pathlib.P
 def test_same_kind_inpainting_pairs_of_sd2_and_sdxl(tmp_path, family):
     from support.layouts import arch_overrides, key_shapes, random_state_dict
 
-    from sd_mecha_rebasin.spec import permute_tensor
+    from sd_mecha_rebasin.permutations.spec import permute_tensor
 
     config = {"sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}[family]
     shapes = key_shapes(family, "tiny")
@@ -498,8 +499,8 @@ def test_python_recipe_merges_a_same_kind_inpainting_pair(tmp_path):
     import sd_mecha
 
     import sd_mecha_rebasin
-    from sd_mecha_rebasin.demo import SMALL_ARCH
-    from sd_mecha_rebasin.merge_method import arch_override
+    from sd_mecha_rebasin.architectures.small import SMALL_ARCH
+    from sd_mecha_rebasin.mecha.merge_method import arch_override
 
     a, b, sd_a, sd_b = _variant_pair(9, 9, tmp_path)
     ma, mb = sd_mecha.model(str(a), "sd1-ldm"), sd_mecha.model(str(b), "sd1-ldm")
@@ -584,8 +585,8 @@ def test_python_recipe_merges_an_inpainting_a_with_a_plain_b(tmp_path):
     import sd_mecha
 
     import sd_mecha_rebasin
-    from sd_mecha_rebasin.demo import SMALL_ARCH
-    from sd_mecha_rebasin.merge_method import arch_override
+    from sd_mecha_rebasin.architectures.small import SMALL_ARCH
+    from sd_mecha_rebasin.mecha.merge_method import arch_override
 
     a, b, sd_a, sd_b = _variant_pair(9, 4, tmp_path)
     ma, mb = sd_mecha.model(str(a), "sd1-ldm"), sd_mecha.model(str(b), "sd1-ldm")

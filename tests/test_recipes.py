@@ -19,7 +19,7 @@ from sd_mecha.extensions import merge_methods
 from support.layouts import arch_overrides
 from test_merge_method import _one_torch_thread, assert_same, quiet_tqdm, tiny  # noqa: F401  (fixtures)
 
-from sd_mecha_rebasin.merge_method import arch_override
+from sd_mecha_rebasin.mecha.merge_method import arch_override
 
 RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))

@@ -13,7 +13,7 @@ from support.layouts import arch_overrides
 from test_merge_method import _one_torch_thread, assert_same, tiny  # noqa: F401  (fixtures)
 from test_recipes import add_difference, merge, merge_mecha, models  # noqa: F401  (fixture)
 
-from sd_mecha_rebasin.merge_method import arch_override
+from sd_mecha_rebasin.mecha.merge_method import arch_override
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -7,8 +7,9 @@ import pytest
 import torch
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
-from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, warm_start
-from sd_mecha_rebasin.spec import identity_permutation, invert
+from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation
+from sd_mecha_rebasin.permutations.spec import identity_permutation, invert
+from sd_mecha_rebasin.search import warm_start
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
 

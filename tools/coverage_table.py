@@ -1,6 +1,6 @@
 """Print README's coverage table: what the spec permutes in each shipped config.
 
-    python tools/coverage_table.py
+python tools/coverage_table.py
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from .. import groups
-from ..spec import PermutationSpec, SpecBuilder
+from ..permutations import groups
+from ..permutations.spec import PermutationSpec, SpecBuilder
 from .text_encoders import TEXT_ENCODERS
 from .unet import UnetFacts, ldm_unet
 

@@ -12,8 +12,8 @@ import re
 
 import numpy as np
 
-from .. import groups
-from ..spec import SpecBuilder
+from ..permutations import groups
+from ..permutations.spec import SpecBuilder
 
 Input = list[str]
 """The spaces an input axis reads, concatenated in order (usually one)."""

@@ -4,8 +4,8 @@ final LayerNorm and on into the UNet's cross-attention. Token and position rows 
 
 from __future__ import annotations
 
-from .. import groups
-from ..spec import SpecBuilder
+from ..permutations import groups
+from ..permutations.spec import SpecBuilder
 from .modules import attention, fused_attention, linear, mlp, norm, numbered
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import groups
-from ..spec import SpecBuilder
+from ..permutations import groups
+from ..permutations.spec import SpecBuilder
 from .modules import attention, geglu, group_norm, linear, norm, numbered
 
 

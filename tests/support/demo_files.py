@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pathlib
 
-from sd_mecha_rebasin.demo import make_models
-from sd_mecha_rebasin.jobs import DEMO_LAYOUT, DEMO_LAYOUT_KEY
-from sd_mecha_rebasin.output import write_safetensors
+from sd_mecha_rebasin.architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
+from sd_mecha_rebasin.cli.demo import make_models
+from sd_mecha_rebasin.files.output import write_safetensors
 
 
 def write_demo_pair(folder: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:

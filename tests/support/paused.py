@@ -1,6 +1,6 @@
 """Run the real command line in a child process that stops at a known point, for signal tests.
 
-The child reaches `sd_mecha_rebasin.testhooks.pause(point)`, says so through a pipe and blocks:
+The child reaches `sd_mecha_rebasin.common.testhooks.pause(point)`, says so through a pipe and blocks:
 the test then signals a process that is, by construction, exactly there. No sleep, no polling.
 """
 

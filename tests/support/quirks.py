@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from sd_mecha_rebasin.jobs import DEMO_LAYOUT, DEMO_LAYOUT_KEY
+from sd_mecha_rebasin.architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 
 UNET = "model.diffusion_model."
 INPUT_CONV = UNET + "input_blocks.0.0.weight"
@@ -41,7 +41,7 @@ _NAMES = {
 
 @functools.cache
 def _small_pair(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from sd_mecha_rebasin.demo import make_models
+    from sd_mecha_rebasin.cli.demo import make_models
 
     a, b, _, _ = make_models(seed=seed)
     return a, b

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from . import events, testhooks
-from .blocks import Alpha
-from .checkpoint import (
+from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
+from ..common import events, testhooks
+from ..common.errors import UserError
+from ..files.checkpoint import (
     FAMILY_NAMES,
     MARKER_KEYS,
     Checkpoint,
-    UserError,
     check_finite,
     check_pair,
     component_of_keys_cached,
@@ -41,13 +41,13 @@ from .checkpoint import (
     release_pickles,
     validate,
 )
-from .output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
+from ..files.output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
+from ..files.repairs import repair_position_ids
+from ..files.variants import check_variant_pair, input_channels, variant_of
+from ..mecha.blocks import Alpha
+from ..mecha.input_channels import fill_input_channels
 from .progress import Progress, capture_logging, warn
-from .repairs import repair_position_ids
-from .variants import check_variant_pair, fill_input_channels, input_channels, variant_of
 
-DEMO_LAYOUT_KEY = "sd_rebasin_layout"
-DEMO_LAYOUT = "demo-small-sd1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_LABELS = {
     torch.float16: "fp16",
@@ -190,7 +190,7 @@ def load_inputs(
     detect_family(b)
     check_pair(a, b)
     if opts.shapes is None and any(c.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT for c in (a, b)):
-        from .demo import SMALL_ARCH, small_shapes
+        from ..architectures.small import SMALL_ARCH, small_shapes
 
         opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
     validate(a, opts.shapes)
@@ -207,8 +207,8 @@ def check_spec(ckpt: Checkpoint, opts: RunOptions) -> None:
     text encoder's residual stream, so they need the text encoder's keys (milliseconds: the spec
     is built from the header's shapes). Raises UserError naming the file and the missing key.
     """
-    from . import permutation_spec
-    from .spec import MissingKeyError
+    from ..architectures import permutation_spec
+    from ..permutations.spec import MissingKeyError
 
     assert ckpt.config is not None
     try:
@@ -263,7 +263,7 @@ def _in_background(fn: Callable[[], Any]) -> Any:
 
 def _rebasin_node(model: Any, ref: Any, opts: RunOptions) -> Any:
     """`git_rebasin(model, ref)`: `model` permuted into `ref`'s basis (a recipe node)."""
-    from .merge_method import rebasin
+    from ..mecha.merge_method import rebasin
 
     return rebasin(
         model,
@@ -280,13 +280,13 @@ def _arch(config: str, arch: Mapping[str, Mapping[str, Any]] | None) -> contextl
     """The merge method's architecture override for small models (nothing for real checkpoints)."""
     if not arch:
         return contextlib.nullcontext()
-    from .merge_method import arch_override
+    from ..mecha.merge_method import arch_override
 
     return arch_override(config, arch)
 
 
 def _perm_spec(config: str, opts: RunOptions):
-    from . import permutation_spec
+    from ..architectures import permutation_spec
 
     return permutation_spec(config, arch=opts.arch, shapes=opts.shapes)
 
@@ -343,7 +343,7 @@ def assemble(
         canon = base.canonical.get(key, key)
         weight = key in emas or is_merged_key(config, canon, tensor.dtype)
         if spec is not None and key in emas:
-            from .spec import permute_tensor
+            from ..permutations.spec import permute_tensor
 
             tensor = permute_tensor(spec, emas[key], tensor, dict(perms))
             kept["ema_permuted"] += 1
@@ -668,7 +668,7 @@ def describe_checkpoint(
         ckpt = open_checkpoint(path)
         config = detect_family(ckpt)
         if opts.shapes is None and ckpt.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT:
-            from .demo import SMALL_ARCH, small_shapes
+            from ..architectures.small import SMALL_ARCH, small_shapes
 
             opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
         problem = None

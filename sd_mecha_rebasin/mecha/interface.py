@@ -40,8 +40,8 @@ from sd_mecha.extensions import merge_methods as mecha_methods
 from sd_mecha.extensions import model_configs as mecha_configs
 from torch import Tensor
 
+from ..model_configs import sd1_or_sd2_from_shapes
 from .merge_method import rebasin as git_rebasin
-from .model_configs import sd1_or_sd2_from_shapes
 
 INTERFACE = "rebasin"
 """sd-mecha's interface identifier (`sd_mecha.rebasin`)."""

@@ -37,12 +37,12 @@ from sd_mecha import Parameter, Return, StateDict, StateDictKeyError, merge_meth
 from sd_mecha.keys_map import KeyMapBuilder
 from torch import Tensor
 
-from . import events
-from .architectures import config_shapes, permutation_spec
-from .matching import PRECISIONS, MatchResult, SweepStats, default_threads, weight_matching
-from .memory import return_freed_memory
-from .spec import Permutations, PermutationSpec, permute_tensor
-from .variants import match_input_conv
+from ..architectures import config_shapes, permutation_spec
+from ..common import events
+from ..common.memory import return_freed_memory
+from ..files.variants import match_input_conv
+from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
+from ..search.matching import PRECISIONS, MatchResult, SweepStats, default_threads, weight_matching
 
 IDENTIFIER = "git_rebasin"
 """sd-mecha 1.1.x already owns `rebasin` (its builtin SDXL-only interface)."""

@@ -48,9 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..common.memory import return_freed_memory
+from ..permutations.spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
 from .matching import _accurate_sum, default_threads, weight_matching
-from .memory import return_freed_memory
-from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
 
 DEFAULT_MAX_PASSES = 100
 """The paper's code stops at 100 passes at the latest."""

@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 
-from . import safetensors_file, testhooks
-from .checkpoint import Checkpoint, UserError
+from ..common import testhooks
+from ..common.errors import UserError
+from . import safetensors_file
+from .checkpoint import Checkpoint
 
 _DTYPE_NAMES = {dtype: name for name, dtype in safetensors_file.DTYPES.items()}
 """torch dtype -> safetensors dtype name: the reader's table, inverted (one table for both ways)."""

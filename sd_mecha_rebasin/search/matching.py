@@ -22,9 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import groups
-from .memory import return_freed_memory, scratch
-from .spec import Permutations, PermutationSpec, identity_permutation, permute_tensor, take_along
+from ..common.memory import return_freed_memory, scratch
+from ..permutations import groups
+from ..permutations.spec import (
+    Permutations,
+    PermutationSpec,
+    identity_permutation,
+    permute_tensor,
+    take_along,
+)
 from .warm_start import invariant_feature_start
 
 IMPROVEMENT_TOLERANCE = 1e-12

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import groups
-from .memory import return_freed_memory, scratch
-from .spec import Permutations, PermutationSpec
+from ..common.memory import return_freed_memory, scratch
+from ..permutations import groups
+from ..permutations.spec import Permutations, PermutationSpec
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20
 """Elements reduced at a time (4 MiB in float32): features never need a float copy of a whole

@@ -15,20 +15,16 @@ different things). An alignment outputs B's own layout, so any pair aligns: weig
 compares the 4 latent channels only (see `match_input_conv`).
 """
 
-# No `from __future__ import annotations`: sd-mecha evaluates the Parameter annotations at runtime.
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
-from sd_mecha import Parameter, Return, StateDict, merge_method
 from torch import Tensor
 
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 LATENT_CHANNELS = 4
 VARIANTS = {4: "standard", 8: "instruct-pix2pix", 9: "inpainting"}
 """Input channels of the first UNet convolution -> the variant's name."""
-
-FILL_IDENTIFIER = "sd_rebasin_fill_input_channels"
 
 
 def variant_shape_ok(key: str, shape: Sequence[int], expected: Sequence[int]) -> bool:
@@ -76,7 +72,7 @@ def check_variant_pair(
     `a_shapes` / `b_shapes`: key -> shape (config key names). `mode` "merge" or "average" checks;
     "align" accepts every pair (the output keeps B's own layout). Raises UserError naming B's file.
     """
-    from .checkpoint import UserError
+    from ..common.errors import UserError
 
     ca, cb = input_channels(a_shapes), input_channels(b_shapes)
     if ca is None or cb is None or ca == cb or mode == "align":
@@ -105,26 +101,3 @@ def match_input_conv(key: str, a: Tensor, ref: Tensor) -> Tensor:
     out = torch.zeros(a.shape, dtype=ref.dtype, device=ref.device)
     out[:, :LATENT_CHANNELS] = ref[:, :LATENT_CHANNELS]
     return out
-
-
-@merge_method(identifier=FILL_IDENTIFIER)
-def fill_input_channels(
-    a: Parameter(StateDict[Tensor]),
-    like: Parameter(StateDict[Tensor]),
-    **kwargs,
-) -> Return(Tensor):
-    """`a`, with the input channels that `like` has beyond `a`'s appended from `like` (first UNet
-    convolution only; every other key is `a`'s). Merged with `like` by a weighted sum, those
-    channels come out exactly as `like` has them.
-
-    :param a: the model that may have fewer input channels (a plain model).
-    :param like: the model whose extra input channels are used (an inpainting/instruct-pix2pix model).
-    """
-    key = kwargs["key"]
-    value = a[key]
-    if key != INPUT_CONV:
-        return value
-    other = like[key]
-    if other.shape[1] <= value.shape[1] or not same_but_input_channels(key, value.shape, other.shape):
-        return value
-    return torch.cat([value, other[:, value.shape[1] :].to(value)], dim=1)

@@ -21,55 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CONFIG = "sd1-ldm"
-
-SMALL_DIMS = {
-    # CLIP ViT-L text encoder: width, MLP, vocabulary
-    768: 64,
-    3072: 256,
-    49408: 1000,
-    # UNet: channels, concatenations, GEGLU, time embedding (768 above is also the context width)
-    320: 32,
-    640: 64,
-    960: 96,
-    1280: 128,
-    1920: 192,
-    2560: 256,
-    5120: 512,
-    10240: 1024,
-}
-"""Full-size dimension -> small dimension; 1, 3 (kernels), 4 (latent channels) and 77 (tokens) stay."""
-
-KEPT_DIMS = frozenset({1, 3, 4, 77})
-
-SMALL_ARCH = {"unet": {"num_heads": 8, "groupnorm_groups": 8}, "clip_l": {"heads": 4}}
-"""Facts of the small model that shapes do not tell: 8 UNet heads as in SD1, 8 GroupNorm groups
-(32 would leave 1-channel groups at width 32), 4 text-encoder heads of 16."""
-
-
-def small_shapes() -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the small SD1 model: sd1-ldm's text encoder and UNet keys, shrunk."""
-    from sd_mecha.extensions import model_configs
-
-    from .model_configs import register_model_configs
-
-    register_model_configs()
-    components = model_configs.resolve(CONFIG).components()
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in ("clip_l", "diffuser"):
-        for key, meta in components[name].keys().items():
-            if not meta.dtype.is_floating_point:
-                continue
-            shapes[key] = tuple(_shrink(key, d) for d in meta.shape)
-    return shapes
-
-
-def _shrink(key: str, dim: int) -> int:
-    if dim in SMALL_DIMS:
-        return SMALL_DIMS[dim]
-    if dim in KEPT_DIMS:
-        return dim
-    raise ValueError(f"no small size for dimension {dim} of {key}")
+from ..architectures.small import CONFIG, SMALL_ARCH, small_shapes
 
 
 def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
@@ -114,7 +66,8 @@ def scheduler_buffers(steps: int = 1000) -> dict[str, torch.Tensor]:
 
 def make_models(seed: int = 0, noise: float = 0.02):
     """(A, B, hidden permutation, spec): B = hidden(A) + noise * std per tensor, plus real buffers."""
-    from . import apply_permutation, permutation_spec, random_permutation
+    from ..architectures import permutation_spec
+    from ..permutations.spec import apply_permutation, random_permutation
 
     shapes = small_shapes()
     spec = permutation_spec(CONFIG, arch=SMALL_ARCH, shapes=shapes)
@@ -152,9 +105,10 @@ def run_demo(
     """Write A and B, merge them twice (plain average, re-basin), print and return the comparison."""
     from safetensors.torch import load_file
 
-    from .jobs import DEMO_LAYOUT, DEMO_LAYOUT_KEY, RunOptions, run
-    from .output import write_safetensors
-    from .spec import invert
+    from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
+    from ..files.output import write_safetensors
+    from ..permutations.spec import invert
+    from .jobs import RunOptions, run
 
     t0 = time.perf_counter()
     say = (lambda *a, **k: None) if quiet else echo
@@ -173,7 +127,7 @@ def run_demo(
         }
         for name, sd in (("A", a), ("B", b)):
             if files[name].exists() and not overwrite:
-                from .checkpoint import UserError
+                from ..common.errors import UserError
 
                 raise UserError("already exists; pass --overwrite to replace it", files[name])
             write_safetensors(

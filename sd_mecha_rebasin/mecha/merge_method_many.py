@@ -25,19 +25,11 @@ from typing import Any
 from sd_mecha import Parameter, Return, StateDict, merge_method
 from torch import Tensor
 
-from .architectures import permutation_spec
-from .many import check_weights, merge_many
-from .memory import return_freed_memory
-from .merge_method import (
-    _arch_lock,
-    _arch_overrides,
-    _compact,
-    _read,
-    _unlimited,
-    bound_keys,
-    ema_targets,
-)
-from .spec import Permutations, PermutationSpec, permute_tensor
+from ..architectures import permutation_spec
+from ..common.memory import return_freed_memory
+from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
+from ..search.many import check_weights, merge_many
+from .merge_method import _arch_lock, _arch_overrides, _compact, _read, _unlimited, bound_keys, ema_targets
 
 IDENTIFIER = "git_rebasin_many"
 

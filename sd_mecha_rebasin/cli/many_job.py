@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .checkpoint import (
+from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
+from ..common.errors import UserError
+from ..files.checkpoint import (
     FAMILY_NAMES,
     Checkpoint,
-    UserError,
     check_finite,
     check_pair,
     detect_family,
@@ -33,9 +34,19 @@ from .checkpoint import (
     release_pickles,
     validate,
 )
+from ..files.lazy import FileStateDict
+from ..files.output import PACKAGE, anonymize_recipe, input_records, metadata_fields, package_version
+from ..files.variants import VARIANTS, input_channels
+from ..search.many import (
+    DEFAULT_MAX_PASSES,
+    ModelStep,
+    PassStats,
+    SumRebuild,
+    check_weights,
+    merge_many,
+    merged_tensors,
+)
 from .jobs import (
-    DEMO_LAYOUT,
-    DEMO_LAYOUT_KEY,
     DTYPES,
     RunOptions,
     _hash_inputs,
@@ -47,19 +58,7 @@ from .jobs import (
     open_targets,
     warn_extra_bytes,
 )
-from .lazy import FileStateDict
-from .many import (
-    DEFAULT_MAX_PASSES,
-    ModelStep,
-    PassStats,
-    SumRebuild,
-    check_weights,
-    merge_many,
-    merged_tensors,
-)
-from .output import PACKAGE, anonymize_recipe, input_records, metadata_fields, package_version
 from .progress import ManyProgress, capture_logging, warn
-from .variants import VARIANTS, input_channels
 
 
 @dataclasses.dataclass
@@ -160,7 +159,7 @@ def load_many(
         if ckpt is not ckpts[ref]:
             check_pair(ckpts[ref], ckpt)
     if opts.shapes is None and any(c.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT for c in ckpts):
-        from .demo import SMALL_ARCH, small_shapes
+        from ..architectures.small import SMALL_ARCH, small_shapes
 
         opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
     for ckpt in ckpts:
@@ -242,7 +241,7 @@ def recipe_text(
     """The merge as an sd-mecha recipe (`git_rebasin_many` over the inputs), model paths as file names."""
     import sd_mecha
 
-    from .merge_method_many import rebasin_many
+    from ..mecha.merge_method_many import rebasin_many
 
     nodes = [sd_mecha.model(str(c.path.resolve()), c.config) for c in ckpts]
     node = rebasin_many(

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..common.errors import UserError
 from . import safetensors_file
 from .safetensors_file import HeaderError, pickle_signature
 from .variants import same_but_input_channels, variant_shape_ok
@@ -46,19 +47,6 @@ MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.si
 """Flags and constants that describe how a model is sampled, not weights (SDXL v-prediction etc.)."""
 
 _KEPT_COMPONENTS = frozenset({"ema", "scheduler"})
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad input, bad option); printed as one line, no traceback."""
-
-    def __init__(self, problem: str, path: str | os.PathLike | None = None, exit_code: int = 1):
-        super().__init__(problem)
-        self.problem = problem
-        self.path = None if path is None else str(path)
-        self.exit_code = exit_code
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}" if self.path else self.problem
 
 
 @dataclasses.dataclass
@@ -330,7 +318,7 @@ def detect_family(ckpt: Checkpoint) -> str:
     """Set and return `ckpt.config` (sd1-ldm, sd2-ldm or sdxl-sgm); UserError for anything else."""
     from sd_mecha.extensions import model_configs
 
-    from .model_configs import register_model_configs, sd1_or_sd2_from_shapes
+    from ..model_configs import register_model_configs, sd1_or_sd2_from_shapes
 
     register_model_configs()
     keys = ckpt.shapes
@@ -407,7 +395,7 @@ def component_of_keys_cached(config: str) -> dict[str, str]:
 
 def permuted_prefixes(config: str) -> tuple[str, ...]:
     """Key prefixes of the components the permutation spec covers (UNet and text encoders)."""
-    from .architectures import families
+    from ..architectures import families
 
     facts = families()[config]
     return (facts["unet"]["prefix"], *(enc["prefix"] for enc in facts["text_encoders"].values()))

@@ -20,10 +20,11 @@ from typing import Any
 
 import click
 
-from .blocks import block_names, block_order_text, check_range, parse_alpha
-from .checkpoint import FAMILY_NAMES, UserError
+from ..common.errors import UserError
+from ..files.checkpoint import FAMILY_NAMES
+from ..mecha.blocks import block_names, block_order_text, check_range, parse_alpha
+from ..search.matching import PRECISIONS
 from .jobs import DTYPES, RunOptions, RunResult, describe_checkpoint, run
-from .matching import PRECISIONS
 from .progress import PROG
 
 

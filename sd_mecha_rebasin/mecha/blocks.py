@@ -248,7 +248,7 @@ def sd2_block_of(key: str) -> str:
 def _register_sd2_conversion() -> None:
     from sd_mecha.extensions import merge_methods as mecha_methods
 
-    from .model_configs import register_model_configs
+    from ..model_configs import register_model_configs
 
     identifier = "convert_sd1_blocks_to_sd2_ldm"
     try:
