@@ -142,7 +142,7 @@ def test_mecha_files_written_either_way_merge_bit_identically_in_a_fresh_process
         import pathlib, torch, sd_mecha, sd_mecha_rebasin
         torch.set_num_threads(1)
         from support.layouts import arch_overrides
-        from sd_mecha_rebasin.merge_method import arch_override
+        from sd_mecha_rebasin.mecha.merge_method import arch_override
         for name in ("interface", "git_rebasin"):
             recipe = sd_mecha.deserialize_path(pathlib.Path({str(tmp_path)!r}) / f"{{name}}.mecha")
             with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):

@@ -377,7 +377,7 @@ def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(tiny, tmp_p
         import torch, sd_mecha, sd_mecha_rebasin
         torch.set_num_threads(1)
         from support.layouts import arch_overrides
-        from sd_mecha_rebasin.merge_method import arch_override
+        from sd_mecha_rebasin.mecha.merge_method import arch_override
         recipe = sd_mecha.deserialize_path(__import__("pathlib").Path({str(recipe_path)!r}))
         with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
             sd_mecha.merge(recipe, output={str(out)!r}, output_dtype=torch.float32, threads=0)
