@@ -15,6 +15,7 @@ import sys
 import types
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch import nn
@@ -241,19 +242,43 @@ def _check_leftovers(family: str, state_dict: MutableMapping[str, torch.Tensor])
 
 def _load(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """Strict load by assignment (no second copy); every parameter must be replaced."""
-    result = module.load_state_dict(sd, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise KeyError(
-            f"{what}: missing {sorted(result.missing_keys)[:10]} ({len(result.missing_keys)}), "
-            f"unexpected {sorted(result.unexpected_keys)[:10]} ({len(result.unexpected_keys)})"
-        )
+    try:
+        result = module.load_state_dict(sd, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise KeyError(
+                f"{what}: missing {sorted(result.missing_keys)[:10]} ({len(result.missing_keys)}), "
+                f"unexpected {sorted(result.unexpected_keys)[:10]} ({len(result.unexpected_keys)})"
+            )
+        meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if meta:
+            raise RuntimeError(f"{what}: tensors left on the meta device: {meta[:10]}")
+    except BaseException:
+        _release(module)
+        raise
     sd.clear()
-    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if meta:
-        raise RuntimeError(f"{what}: tensors left on the meta device: {meta[:10]}")
 
 
-def _clip_l(size: str, sd: dict[str, torch.Tensor]) -> nn.Module:
+def _release(module: nn.Module) -> None:
+    """Put every parameter and buffer back on the meta device: the weights are freed, and the
+    next load must replace every tensor again (`_load` checks that none is left on meta)."""
+    module.to("meta")
+
+
+@contextmanager
+def _loaded(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> Iterator[nn.Module]:
+    """`module` (a cached architecture on the meta device) holding `sd` while in the block."""
+    _load(module, sd, what)
+    try:
+        yield module
+    finally:
+        _release(module)
+
+
+# Each architecture is built once per process, on the meta device (no weights are made): building
+# a diffusers UNet runs its weight initialisers, which cost more than a tiny model's forward pass.
+# A run assigns its weights into the cached module and puts it back on meta afterwards.
+@cache
+def _clip_l_module(size: str) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     width, heads, mlp, layers, vocab = _CLIP_L[size]
@@ -271,21 +296,15 @@ def _clip_l(size: str, sd: dict[str, torch.Tensor]) -> nn.Module:
         pad_token_id=vocab - 1,
     )
     with torch.device("meta"):
-        model = CLIPTextModel(config)
-    # position_ids: an int buffer (arange) that old transformers saved; not a weight.
-    position_ids = sd.pop("embeddings.position_ids", None)
-    if position_ids is not None and not torch.equal(position_ids.long().flatten(), torch.arange(77)):
-        raise ValueError("CLIP-L position_ids is not arange(77)")
-    model.embeddings.position_ids = torch.arange(77).expand(1, -1)  # non-persistent buffer
-    _load(model, sd, "CLIP-L")
-    return model.eval()
+        return CLIPTextModel(config).eval()
 
 
-def _open_clip(component: str, size: str, sd: dict[str, torch.Tensor]) -> nn.Module:
+@cache
+def _open_clip_module(component: str, size: str) -> nn.Module:
     transformer = open_clip_transformer()
     width, heads, layers, vocab = _OPEN_CLIP[component, size]
     with torch.device("meta"):
-        model = transformer.TextTransformer(
+        return transformer.TextTransformer(
             context_length=77,
             vocab_size=vocab,
             width=width,
@@ -295,22 +314,46 @@ def _open_clip(component: str, size: str, sd: dict[str, torch.Tensor]) -> nn.Mod
             output_dim=width,
             act_layer=nn.GELU,  # LAION ViT-H / bigG: exact GELU (not QuickGELU)
             pool_type="argmax",
-        )
+        ).eval()
+
+
+@cache
+def _unet_module(family: str, size: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**_UNET[family, size]).eval()
+
+
+@contextmanager
+def _clip_l(size: str, sd: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    model = _clip_l_module(size)
+    # position_ids: an int buffer (arange) that old transformers saved; not a weight.
+    position_ids = sd.pop("embeddings.position_ids", None)
+    if position_ids is not None and not torch.equal(position_ids.long().flatten(), torch.arange(77)):
+        raise ValueError("CLIP-L position_ids is not arange(77)")
+    model.embeddings.position_ids = torch.arange(77).expand(1, -1)  # non-persistent buffer
+    with _loaded(model, sd, "CLIP-L") as loaded:
+        yield loaded
+
+
+@contextmanager
+def _open_clip(component: str, size: str, sd: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    model = _open_clip_module(component, size)
     # logit_scale belongs to the CLIP model (contrastive temperature), not to its text tower.
     logit_scale = sd.pop("logit_scale", None)
     if logit_scale is not None and logit_scale.dim() != 0:
         raise ValueError(f"{component} logit_scale is not a scalar: {tuple(logit_scale.shape)}")
     model.attn_mask = model.build_causal_mask()  # non-persistent buffer
-    _load(model, sd, component)
-    return model.eval()
+    with _loaded(model, sd, component) as loaded:
+        yield loaded
 
 
-def _unet(family: str, size: str, sd: dict[str, torch.Tensor]) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+@contextmanager
+def _unet(family: str, size: str, sd: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**_UNET[family, size])
+    unet = _unet_module(family, size)
     ldm = {UNET_PREFIX + k: v for k, v in sd.items()}  # the converter wants the LDM prefix
     sd.clear()
     converted = convert_ldm_unet_checkpoint(ldm, unet.config)
@@ -320,8 +363,8 @@ def _unet(family: str, size: str, sd: dict[str, torch.Tensor]) -> nn.Module:
         dropped = sorted(k for k, v in ldm.items() if all(v is not c for c in converted.values()))
         raise KeyError(f"UNet converter: {len(ldm)} keys in, {len(converted)} out; dropped {dropped[:10]}")
     ldm.clear()
-    _load(unet, converted, "UNet")
-    return unet.eval()
+    with _loaded(unet, converted, "UNet") as loaded:
+        yield loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,39 +392,37 @@ def _open_clip_blocks(model: nn.Module, ids: torch.Tensor, n_blocks: int) -> tor
 
 def _sd1_cond(size: str, sd: MutableMapping[str, torch.Tensor], seed: int, consume: bool) -> dict:
     vocab = _CLIP_L[size][4]
-    model = _clip_l(size, _take(sd, PREFIXES["sd1"]["clip_l"], consume))
     ids = _token_ids(vocab, seed, pad=vocab - 1)  # HF CLIP tokenizer pads with EOS
-    context = model(input_ids=ids).last_hidden_state  # after final_layer_norm
+    with _clip_l(size, _take(sd, PREFIXES["sd1"]["clip_l"], consume)) as model:
+        context = model(input_ids=ids).last_hidden_state  # after final_layer_norm
     return {"encoder_hidden_states": context}
 
 
 def _sd2_cond(size: str, sd: MutableMapping[str, torch.Tensor], seed: int, consume: bool) -> dict:
     vocab = _OPEN_CLIP["clip_h", size][3]
-    model = _open_clip("clip_h", size, _take(sd, PREFIXES["sd2"]["clip_h"], consume))
     ids = _token_ids(vocab, seed, pad=0)  # open_clip tokenizer pads with 0
-    # FrozenOpenCLIPEmbedder(layer="penultimate"): all blocks but the last, then ln_final.
-    x = _open_clip_blocks(model, ids, len(model.transformer.resblocks) - 1)
-    return {"encoder_hidden_states": model.ln_final(x)}
+    with _open_clip("clip_h", size, _take(sd, PREFIXES["sd2"]["clip_h"], consume)) as model:
+        # FrozenOpenCLIPEmbedder(layer="penultimate"): all blocks but the last, then ln_final.
+        x = _open_clip_blocks(model, ids, len(model.transformer.resblocks) - 1)
+        return {"encoder_hidden_states": model.ln_final(x)}
 
 
 def _sdxl_cond(size: str, sd: MutableMapping[str, torch.Tensor], seed: int, consume: bool) -> dict:
     vocab_l = _CLIP_L[size][4]
-    clip_l = _clip_l(size, _take(sd, PREFIXES["sdxl"]["clip_l"], consume))
     ids_l = _token_ids(vocab_l, seed, pad=vocab_l - 1)
-    # FrozenCLIPEmbedder(layer="hidden", layer_idx=-2): output of the second-to-last layer, no final LN.
-    context_l = clip_l(input_ids=ids_l, output_hidden_states=True).hidden_states[-2]
-    del clip_l
+    with _clip_l(size, _take(sd, PREFIXES["sdxl"]["clip_l"], consume)) as clip_l:
+        # FrozenCLIPEmbedder(layer="hidden", layer_idx=-2): the second-to-last layer's output, no final LN.
+        context_l = clip_l(input_ids=ids_l, output_hidden_states=True).hidden_states[-2]
 
     vocab_g = _OPEN_CLIP["clip_g", size][3]
-    clip_g = _open_clip("clip_g", size, _take(sd, PREFIXES["sdxl"]["clip_g"], consume))
     ids_g = _token_ids(vocab_g, seed, pad=0)
-    # FrozenOpenCLIPEmbedder2(layer="penultimate", always_return_pooled=True, legacy=False).
-    n = len(clip_g.transformer.resblocks)
-    penultimate = _open_clip_blocks(clip_g, ids_g, n - 1)
-    last = clip_g.transformer.resblocks[n - 1](penultimate, attn_mask=clip_g.attn_mask)
-    last = clip_g.ln_final(last)
-    pooled = last[torch.arange(last.shape[0]), ids_g.argmax(dim=-1)] @ clip_g.text_projection
-    del clip_g
+    with _open_clip("clip_g", size, _take(sd, PREFIXES["sdxl"]["clip_g"], consume)) as clip_g:
+        # FrozenOpenCLIPEmbedder2(layer="penultimate", always_return_pooled=True, legacy=False).
+        n = len(clip_g.transformer.resblocks)
+        penultimate = _open_clip_blocks(clip_g, ids_g, n - 1)
+        last = clip_g.transformer.resblocks[n - 1](penultimate, attn_mask=clip_g.attn_mask)
+        last = clip_g.ln_final(last)
+        pooled = last[torch.arange(last.shape[0]), ids_g.argmax(dim=-1)] @ clip_g.text_projection
 
     h = w = LATENT_SIZE * IMAGE_SCALE
     time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)  # original, crop, target
@@ -404,7 +445,7 @@ def run_model(
 ) -> torch.Tensor:
     """UNet output (fp32) for fixed seeded prompt tokens, latent and timestep.
 
-    Text encoder(s) run first and are freed before the UNet is built; every tensor is cast to
+    Text encoder(s) run first and are freed before the UNet is loaded; every tensor is cast to
     fp32 once. With consume=True the keys are popped from state_dict as they are used, so that a
     full-size fp16 model never exists twice.
     """
@@ -413,11 +454,11 @@ def run_model(
     _check_leftovers(family, state_dict)
     with torch.no_grad():
         cond = _CONDITIONING[family](size, state_dict, seed, consume)
-        unet = _unet(family, size, _take(state_dict, UNET_PREFIX, consume))
         gen = torch.Generator().manual_seed(seed + 1)
         latent = torch.randn((1, 4, LATENT_SIZE, LATENT_SIZE), generator=gen)
         timestep = torch.tensor([TIMESTEP], dtype=torch.long)
-        out = unet(latent, timestep, **cond).sample
+        with _unet(family, size, _take(state_dict, UNET_PREFIX, consume)) as unet:
+            out = unet(latent, timestep, **cond).sample
     return out.float().clone()
 
 
