@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from ..common.errors import UserError
+from ..common.launch import INTERRUPTED, end_start_guard, json_requested
 from ..files.checkpoint import FAMILY_NAMES
 from ..mecha.blocks import block_names, block_order_text, check_range, parse_alpha
 from ..search.matching import PRECISIONS
@@ -130,12 +131,6 @@ def _print_json(obj: dict[str, Any]) -> None:
     """`obj` and the command's warnings as one JSON object on stdout."""
     warnings = list(_report.warnings) if _report is not None else []
     click.echo(json.dumps({**obj, "warnings": warnings}))
-
-
-def _json_requested(argv: Sequence[str] | None) -> bool:
-    """`--json` among the options (for a usage error, before any command ran)."""
-    args = list(argv) if argv is not None else sys.argv[1:]
-    return "--json" in (args[: args.index("--")] if "--" in args else args)
 
 
 def _common_options(fn: Callable) -> Callable:
@@ -528,8 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted).
 
     `argv=None` is the real command line (sys.argv); a list runs in-process (tests, embedding).
-    SIGTERM is handled like Ctrl-C while it runs, so that temporary files are removed.
+    SIGTERM is handled like Ctrl-C while it runs, so that temporary files are removed. Ctrl-C
+    before this point (while the package imported) had its own guard (`common.launch`).
     """
+    end_start_guard()
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread (embedded use)
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -552,7 +549,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     except click.UsageError as e:
         where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        if _report is None and _json_requested(argv):  # before the command ran
+        if _report is None and json_requested(argv if argv is not None else sys.argv[1:]):  # no command ran
             named = e.ctx is not None and e.ctx.parent is not None
             _report = _Report(e.ctx.info_name if named else None, True)
         return _fail(e.format_message().replace("\n", " ") + where, 2)
@@ -563,7 +560,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except click.ClickException as e:
         return _fail(e.format_message(), e.exit_code)
     except (click.Abort, KeyboardInterrupt):
-        code = _fail("interrupted; no output written", 130)
+        code = _fail(INTERRUPTED, 130)
         if argv is None:
             _exit_now(code)
         return code

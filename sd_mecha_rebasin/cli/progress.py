@@ -14,8 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
-PROG = "sd-rebasin"
-
+from ..common.launch import PROG
 
 PHASE_LABELS = {
     "scan": "checking A and B for NaN/Inf",
