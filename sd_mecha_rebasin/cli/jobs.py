@@ -26,6 +26,7 @@ import torch
 
 from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common import events, testhooks
+from ..common.devices import cuda_devices
 from ..common.errors import UserError
 from ..files.checkpoint import (
     FAMILY_NAMES,
@@ -174,7 +175,8 @@ def check_device(device: str) -> str:
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
+        visible = cuda_devices()
+        if not visible:
             why = (
                 "this torch build has no CUDA support"
                 if torch.version.cuda is None
@@ -183,8 +185,8 @@ def check_device(device: str) -> str:
             raise UserError(f"--device {device}: no GPU available ({why}); use --device cpu")
         if ":" in device:
             index = int(device.split(":", 1)[1]) if device.split(":", 1)[1].isdigit() else -1
-            if not 0 <= index < torch.cuda.device_count():
-                raise UserError(f"--device {device}: no such GPU ({torch.cuda.device_count()} visible)")
+            if not 0 <= index < visible:
+                raise UserError(f"--device {device}: no such GPU ({visible} visible)")
         return device
     raise UserError(f"--device {device!r}: expected cpu or cuda", exit_code=2)
 
