@@ -214,7 +214,12 @@ def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loose")
     a, b, hidden, spec = make_models(0)
     gen = torch.Generator().manual_seed(5)
-    c = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=gen) if v.dim() else v for k, v in a.items()}
+    c = {
+        k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=gen)
+        if v.is_floating_point() and v.numel() > 1
+        else v
+        for k, v in a.items()
+    }
     return write_demo(folder, "A", a), write_demo(folder, "B", b), write_demo(folder, "C", c), hidden, spec
 
 
