@@ -17,6 +17,7 @@ import torch
 
 from sd_mecha_rebasin import permutation_spec
 from sd_mecha_rebasin.architectures import config_shapes
+from sd_mecha_rebasin.common.devices import product_device
 from sd_mecha_rebasin.mecha.merge_method import bound_keys
 from sd_mecha_rebasin.search import matching
 
@@ -26,10 +27,10 @@ def product_shapes(config: str) -> collections.Counter:
     shapes = {key: shape for key, shape in config_shapes(config).items() if key in bound_keys(config)}
     spec = permutation_spec(config, shapes=shapes)
     flops: collections.Counter = collections.Counter()
-    meta = torch.device("meta")  # shapes only: the slices `matching` would build, without data
+    meta = product_device("meta")  # shapes only: the slices `matching` would build, without data
     for space in spec.spaces:
         for key, axis, seg in spec.segments_of(space):
-            value = torch.empty(shapes[key], device=meta)
+            value = torch.empty(shapes[key], device=meta.device)
             if value.dim() == 1:  # a bias or norm weight: a rank-1 update, not a GEMM worth counting
                 continue
             for a, _ in matching._paired_chunks(value, value, axis, seg, torch.float32, meta):

@@ -8,16 +8,32 @@ conversion of SD1 block weights to sd2-ldm keys (`mecha.blocks`).
 The folders are the layers, lowest first: `common`, `model_configs`, `permutations`,
 `architectures`, `search`, `files`, `mecha`, `cli`; a module imports only from its own layer or
 below (tests/test_layers.py).
+
+Started as the `sd-rebasin` command line, Ctrl-C during this import (seconds: torch, sd-mecha) ends
+it with one line and exit code 130 (`common.launch`); the guard is set before any heavy import.
 """
 
-from .architectures import permutation_spec
-from .mecha.input_channels import fill_input_channels
-from .mecha.merge_method import rebasin
-from .mecha.merge_method_many import rebasin_many
-from .model_configs import register_model_configs
-from .permutations.spec import Permutations, PermutationSpec, apply_permutation, random_permutation
-from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors
-from .search.matching import MatchResult, SweepStats, weight_matching
+from .common import launch as _launch
+from .common import testhooks as _testhooks
+
+_launch.guard_start()
+
+from .architectures import permutation_spec  # noqa: E402  (torch and sd-mecha: after the guard)
+
+_testhooks.pause("importing")
+
+from .mecha.input_channels import fill_input_channels  # noqa: E402
+from .mecha.merge_method import rebasin  # noqa: E402
+from .mecha.merge_method_many import rebasin_many  # noqa: E402
+from .model_configs import register_model_configs  # noqa: E402
+from .permutations.spec import (  # noqa: E402
+    Permutations,
+    PermutationSpec,
+    apply_permutation,
+    random_permutation,
+)
+from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors  # noqa: E402
+from .search.matching import MatchResult, SweepStats, weight_matching  # noqa: E402
 
 register_model_configs()
 

@@ -8,6 +8,7 @@ import torch
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
 from sd_mecha_rebasin import apply_permutation, permutation_spec, random_permutation, weight_matching
+from sd_mecha_rebasin.common.devices import CPU_STAND_IN, ProductDevice, product_device
 from sd_mecha_rebasin.permutations.spec import identity_permutation, invert, permute_tensor
 from sd_mecha_rebasin.search import matching
 from sd_mecha_rebasin.search.warm_start import invariant_feature_start
@@ -158,7 +159,8 @@ def reference_cost(spec, space, ref, model, perms):
     return cost.numpy()
 
 
-def test_chunked_products_match_the_definition(case, monkeypatch):
+@pytest.mark.parametrize("device", [product_device("cpu"), CPU_STAND_IN], ids=["cpu", "device-path-on-cpu"])
+def test_chunked_products_match_the_definition(case, monkeypatch, device):
     _, spec, ref, hidden, model = case
     noisy = add_noise(model, 0.3, seed=8)
     perms = random_permutation(spec, seed=4)
@@ -167,7 +169,7 @@ def test_chunked_products_match_the_definition(case, monkeypatch):
     for space in sorted(spec.spaces):
         # On the aligned model the products give C[:, applied]: columns in the space's current order.
         expected = reference_cost(spec, space, ref, noisy, perms)[:, perms[space]]
-        got = matching._cost_matrix(spec, space, ref, aligned, perms[space], torch.device("cpu"))
+        got = matching._cost_matrix(spec, space, ref, aligned, perms[space], device)
         scale = np.abs(expected).max()
         assert np.abs(got - expected).max() <= 1e-5 * scale, space
     dot, sq = matching.objective_and_distance(spec, ref, noisy, perms)
@@ -177,6 +179,57 @@ def test_chunked_products_match_the_definition(case, monkeypatch):
     assert sq == pytest.approx(
         sum(float((ref[k].double() - aligned[k].double()).square().sum()) for k in spec.axes), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_device_path_gives_the_cpu_result_bit_for_bit(case, monkeypatch, precision):
+    """`--device cuda`'s code (operands copied to the device, cost matrices built there and copied
+    back, assignments on CPU threads) with the CPU standing in for the GPU: only CUDA's own calls
+    are not run. The same permutations and the same objective after every sweep as the CPU path."""
+    _, spec, ref, _, model = case
+    noisy = add_noise(model, 0.3, seed=5)  # several sweeps with many changes
+    buffers: list[str] = []
+    real_scratch = matching.scratch
+
+    def spy(name, shape, dtype):
+        buffers.append(name)
+        return real_scratch(name, shape, dtype)
+
+    monkeypatch.setattr(matching, "scratch", spy)
+    cpu = weight_matching(spec, ref, noisy, seed=2, threads=2, max_iter=4, precision=precision)
+    assert "cost" in buffers  # the CPU path accumulates in its reused buffer ...
+    buffers.clear()
+    stand_in = weight_matching(
+        spec, ref, noisy, seed=2, threads=2, max_iter=4, precision=precision, device=CPU_STAND_IN
+    )
+    assert "cost" not in buffers and "cost64" in buffers  # ... the device path on the device, copied back
+    assert len(cpu.history) > 2
+    assert all(np.array_equal(cpu.perms[n], stand_in.perms[n]) for n in spec.spaces)
+    assert [(s.objective, s.changed, s.rel_distance) for s in cpu.history] == [
+        (s.objective, s.changed, s.rel_distance) for s in stand_in.history
+    ]
+    assert (cpu.objective, cpu.rel_distance) == (stand_in.objective, stand_in.rel_distance)
+
+
+def test_cuda_resolves_to_the_stand_in_only_when_asked():
+    from sd_mecha_rebasin.common.devices import cpu_standing_in_for_cuda, cuda_devices
+
+    assert product_device("cpu").offload is False
+    assert product_device("cuda") == ProductDevice(torch.device("cuda"), offload=True)
+    with cpu_standing_in_for_cuda():
+        assert product_device("cuda:1") is CPU_STAND_IN and cuda_devices() == 1
+        assert product_device("cpu").offload is False
+    assert product_device("cuda").device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_products_recover_what_the_cpu_recovers(case):
+    _, spec, ref, hidden, model = case
+    noisy = add_noise(model, 0.01, seed=3)
+    expected = invert(hidden)
+    for device in ("cpu", "cuda"):
+        result = weight_matching(spec, ref, noisy, seed=0, threads=2, device=device)
+        assert [n for n in spec.spaces if not np.array_equal(result.perms[n], expected[n])] == [], device
 
 
 def test_unknown_precision_is_refused():

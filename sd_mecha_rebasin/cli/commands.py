@@ -4,12 +4,16 @@ The jobs themselves are library functions in `jobs.py`; progress display is `pro
 Every problem the user can fix is a `UserError`, printed as one line
 `sd-rebasin: error: <file>: <problem>` with exit code 1 (2 for usage errors), never a traceback
 (set SD_REBASIN_DEBUG=1 to see one). Output files are written under a temporary name and renamed
-when complete, so a failure or Ctrl-C leaves nothing half-written.
+when complete, so a failure or Ctrl-C leaves nothing half-written. With `--json`, stdout holds one
+JSON object whatever happens: the command's summary, or `{"command", "error", "exit_code"}` when
+it fails; both list the command's warnings (`"warnings"`), which also go to stderr unless `-q`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -21,11 +25,12 @@ from typing import Any
 import click
 
 from ..common.errors import UserError
+from ..common.launch import INTERRUPTED, end_start_guard, json_requested
 from ..files.checkpoint import FAMILY_NAMES
 from ..mecha.blocks import block_names, block_order_text, check_range, parse_alpha
 from ..search.matching import PRECISIONS
 from .jobs import DTYPES, RunOptions, RunResult, describe_checkpoint, run
-from .progress import PROG
+from .progress import PROG, recording_warnings
 
 
 def _fmt_bytes(n: int) -> str:
@@ -38,18 +43,13 @@ def _fmt_bytes(n: int) -> str:
 
 def _print_result(res: RunResult, as_json: bool, quiet: bool) -> None:
     if as_json:
-        click.echo(json.dumps(res.summary()))
+        _print_json(res.summary())
         return
     if quiet:
         return
     family = FAMILY_NAMES.get(res.config, res.config)
     click.echo(f"wrote {res.output} ({family}, {_fmt_bytes(res.output_bytes)})")
-    state = "converged" if res.converged else "stopped at --iters"
-    click.echo(
-        f"re-basin: {res.sweeps} sweep(s), {state}; objective {res.objective_start:.6g} -> {res.objective:.6g}; "
-        f"||A - pi(B)|| / ||A - B|| = {res.rel_distance:.4f}; "
-        f"{res.permutations_changed} of {res.permutations} permutations moved; {res.prepass_seconds:.1f} s"
-    )
+    click.echo(rebasin_line(res))
     if res.kept:
         other = "A" if res.command == "align" else "B"
         labels = {
@@ -64,6 +64,73 @@ def _print_result(res: RunResult, as_json: bool, quiet: bool) -> None:
         parts = ", ".join(f"{n} {labels.get(k, k)}" for k, n in sorted(res.kept.items()))
         click.echo(f"kept from {'A' if other == 'B' else 'B'}: {parts}")
     click.echo(f"done in {res.seconds:.1f} s")
+
+
+def rebasin_line(res: RunResult) -> str:
+    """What re-basin did, in one line: sweeps, permutations and units moved, `||A - pi(B)|| / ||A - B||`;
+    when nothing moved, that the merge is the plain weighted sum (the alignment: B as it is)."""
+    same = (
+        "this merge equals the plain weighted sum (1 - alpha) * A + alpha * B"
+        if res.command == "merge"
+        else "the output is B as it is"
+    )
+    moved = (
+        f"{res.permutations_changed} of {res.permutations} permutations, "
+        f"{res.units_moved} of {res.units} units"
+    )
+    if res.sweeps == 0:  # --iters 0
+        return f"re-basin: --iters 0 aligns nothing: {same}"
+    sweeps = f"{res.sweeps} sweep(s), {'converged' if res.converged else 'stopped at --iters'}"
+    if res.permutations_changed == 0:
+        why = (
+            "re-basin was not needed for this pair" if res.command == "merge" else "B is already in A's basis"
+        )
+        return f"re-basin: nothing moved ({moved}; {sweeps}): {same}; {why}"
+    return (
+        f"re-basin: {moved} moved; ||A - pi(B)|| / ||A - B|| = {res.rel_distance:.4f}; {sweeps}; "
+        f"objective {res.objective_start:.6g} -> {res.objective:.6g}; {res.prepass_seconds:.1f} s"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# --json: one object on stdout, warnings included, failures too
+
+
+@dataclasses.dataclass
+class _Report:
+    """The command now running, for its `--json` object: its name, whether --json was given, and
+    the warnings so far (also the failure object's, when it fails)."""
+
+    command: str | None
+    as_json: bool
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+_report: _Report | None = None
+
+
+def _reporting(command: str) -> Callable[[Callable], Callable]:
+    """Run a command with its warnings recorded (stderr unless `quiet`), for `_print_json` and for
+    the failure object `_main` prints under `--json`."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run_command(*args: Any, **kw: Any) -> Any:
+            global _report
+            report = _Report(command, bool(kw.get("as_json")))
+            _report = report
+            with recording_warnings(echo=not kw.get("quiet", False)) as report.warnings:
+                return fn(*args, **kw)
+
+        return run_command
+
+    return decorate
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    """`obj` and the command's warnings as one JSON object on stdout."""
+    warnings = list(_report.warnings) if _report is not None else []
+    click.echo(json.dumps({**obj, "warnings": warnings}))
 
 
 def _common_options(fn: Callable) -> Callable:
@@ -115,14 +182,23 @@ def _common_options(fn: Callable) -> Callable:
         click.option("--no-metadata", is_flag=True, help="Write no metadata into the output file."),
         click.option("--overwrite", is_flag=True, help="Replace the output file if it exists."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings or summary."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout."),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print one JSON object on stdout: the summary (what re-basin did, units and permutations "
+            "moved, the output), or the error and exit code when the command fails; both list the "
+            "warnings (on stderr as well, unless -q).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _options(kw: dict[str, Any]) -> RunOptions:
+def _options(kw: dict[str, Any], as_json: bool = False) -> RunOptions:
+    """The job's options; under `--json` the job always reports its warnings (the JSON object lists
+    them; `-q` then keeps them off stderr only)."""
     return RunOptions(
         iters=kw["iters"],
         seed=kw["seed"],
@@ -133,8 +209,8 @@ def _options(kw: dict[str, Any]) -> RunOptions:
         save_recipe=kw["save_recipe"],
         metadata=not kw["no_metadata"],
         overwrite=kw["overwrite"],
-        quiet=kw["quiet"],
-        progress=_is_terminal(sys.stderr),  # bars for a person; none in logs and pipes
+        quiet=kw["quiet"] and not as_json,
+        progress=_is_terminal(sys.stderr) and not kw["quiet"],  # bars for a person; none in logs and pipes
     )
 
 
@@ -186,6 +262,7 @@ def cli() -> None:
 )
 @click.option("--allow-extrapolation", is_flag=True, help="Allow --alpha outside [0, 1].")
 @_common_options
+@_reporting("merge")
 def merge(
     model_a: pathlib.Path,
     model_b: pathlib.Path,
@@ -201,6 +278,10 @@ def merge(
     A and B are .safetensors or .ckpt/.pt files of the same family (SD1, SD2 or SDXL). The output
     has A's keys: EMA weights, scheduler buffers, v-prediction markers and keys sd-mecha does not
     know are copied from A as they are.
+
+    The summary says what re-basin did: permutations and units (channels, heads) moved, and
+    ||A - pi(B)|| / ||A - B||. When nothing moved, the merge equals the plain weighted sum of A and
+    B (fine-tunes of one base usually share its basis) and the summary says so.
     """
     try:
         weights = parse_alpha(alpha, alpha_default)
@@ -208,7 +289,7 @@ def merge(
     except ValueError as e:
         raise UserError(str(e), exit_code=2) from e
     per_key = weights if weights.per_block else weights.scalar
-    res = run("merge", model_a, model_b, output, _options(kw), alpha=per_key)
+    res = run("merge", model_a, model_b, output, _options(kw, as_json), alpha=per_key)
     _print_result(res, as_json, kw["quiet"])
     return 0
 
@@ -231,6 +312,7 @@ def merge(
     help="Output .safetensors file (never overwritten without --overwrite).",
 )
 @_common_options
+@_reporting("align")
 def align(
     model_b: pathlib.Path, model_a: pathlib.Path, output: pathlib.Path, as_json: bool, **kw: Any
 ) -> int:
@@ -238,7 +320,7 @@ def align(
 
     The output has B's keys; B's EMA weights are permuted like the UNet weights they copy.
     """
-    res = run("align", model_a, model_b, output, _options(kw))
+    res = run("align", model_a, model_b, output, _options(kw, as_json))
     _print_result(res, as_json, kw["quiet"])
     return 0
 
@@ -274,6 +356,7 @@ def align(
     help="Most MergeMany passes (stops earlier when a pass moves no model).",
 )
 @_common_options
+@_reporting("merge-many")
 def merge_many_cmd(
     models: tuple[pathlib.Path, ...],
     output: pathlib.Path,
@@ -299,10 +382,10 @@ def merge_many_cmd(
         weights=parse_weights(weights, len(models)),
         ref=ref if ref is not None else 0,
         max_passes=max_passes,
-        options=_options(kw),
+        options=_options(kw, as_json),
     )
     if as_json:
-        click.echo(json.dumps(res.summary()))
+        _print_json(res.summary())
     elif not kw["quiet"]:
         family = FAMILY_NAMES.get(res.config, res.config)
         click.echo(f"wrote {res.output} ({family}, {len(res.inputs)} models, {_fmt_bytes(res.output_bytes)})")
@@ -328,13 +411,19 @@ def merge_many_cmd(
 @cli.command("inspect")
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
 @click.option("-v", "--verbose", is_flag=True, help="List every permutation and every permuted key.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object on stdout (with the error and exit code if the file cannot be read).",
+)
+@_reporting("inspect")
 def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
     """Show a checkpoint's family, keys, dtypes and what re-basin permutes in it."""
     info = describe_checkpoint(file, verbose)
     if as_json:
         info.pop("spec", None)
-        click.echo(json.dumps(info))
+        _print_json(info)
         return 0 if info["problem"] is None else 1
     click.echo(f"file:        {info['file']} ({info['format']}, {_fmt_bytes(info['bytes'])})")
     click.echo(f"family:      {info['family']} (sd-mecha config {info['config']})")
@@ -390,7 +479,13 @@ def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
     is_flag=True,
     help="Print nothing (the exit status says whether the permutation was recovered).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON summary object on stdout (the error and exit code if it fails).",
+)
+@_reporting("demo")
 def demo(
     out_dir: pathlib.Path | None,
     seed: int,
@@ -412,7 +507,7 @@ def demo(
         out_dir=out_dir, seed=seed, noise=noise, threads=threads, overwrite=overwrite, quiet=quiet or as_json
     )
     if as_json:
-        click.echo(json.dumps(report))
+        _print_json(report)
     return 0 if report["recovered"] else 1
 
 
@@ -428,8 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted).
 
     `argv=None` is the real command line (sys.argv); a list runs in-process (tests, embedding).
-    SIGTERM is handled like Ctrl-C while it runs, so that temporary files are removed.
+    SIGTERM is handled like Ctrl-C while it runs, so that temporary files are removed. Ctrl-C
+    before this point (while the package imported) had its own guard (`common.launch`).
     """
+    end_start_guard()
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread (embedded use)
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -441,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    global _report
+    _report = None
     debug = os.environ.get("SD_REBASIN_DEBUG", "") not in ("", "0")
     try:
         code = cli.main(args=list(argv) if argv is not None else None, prog_name=PROG, standalone_mode=False)
@@ -450,33 +549,41 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     except click.UsageError as e:
         where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        _error(e.format_message().replace("\n", " ") + where)
-        return 2
+        if _report is None and json_requested(argv if argv is not None else sys.argv[1:]):  # no command ran
+            named = e.ctx is not None and e.ctx.parent is not None
+            _report = _Report(e.ctx.info_name if named else None, True)
+        return _fail(e.format_message().replace("\n", " ") + where, 2)
     except UserError as e:
         if debug:
             raise
-        _error(str(e))
-        return e.exit_code
+        return _fail(str(e), e.exit_code)
     except click.ClickException as e:
-        _error(e.format_message())
-        return e.exit_code
+        return _fail(e.format_message(), e.exit_code)
     except (click.Abort, KeyboardInterrupt):
-        _error("interrupted; no output written")
+        code = _fail(INTERRUPTED, 130)
         if argv is None:
-            _exit_now(130)
-        return 130
+            _exit_now(code)
+        return code
     except MemoryError:
-        _error("out of memory (try fewer --threads, or a machine with more RAM)")
-        return 1
+        return _fail("out of memory (try fewer --threads, or a machine with more RAM)", 1)
     except BrokenPipeError:
         return 1
     except Exception as e:  # noqa: BLE001 - one line instead of a traceback; SD_REBASIN_DEBUG=1 shows it
         if debug:
             raise
-        _error(
-            f"internal error: {type(e).__name__}: {_first_line(str(e))} (set SD_REBASIN_DEBUG=1 for the traceback)"
+        return _fail(
+            f"internal error: {type(e).__name__}: {_first_line(str(e))} (set SD_REBASIN_DEBUG=1 for the traceback)",
+            1,
         )
-        return 1
+
+
+def _fail(message: str, code: int) -> int:
+    """The error line on stderr and, under `--json`, the failure object on stdout; returns `code`."""
+    _error(message)
+    if _report is not None and _report.as_json:
+        with contextlib.suppress(OSError):  # a closed stdout: the line on stderr is all there is
+            _print_json({"command": _report.command, "error": message, "exit_code": code})
+    return code
 
 
 def _exit_now(code: int) -> None:

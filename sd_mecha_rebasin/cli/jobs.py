@@ -21,10 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common import events, testhooks
+from ..common.devices import cuda_devices
 from ..common.errors import UserError
 from ..files.checkpoint import (
     FAMILY_NAMES,
@@ -104,6 +106,11 @@ class RunResult:
     rel_distance: float
     permutations: int
     permutations_changed: int
+    """Permutations that are not the identity."""
+    units: int
+    """Units (channels, head rows) over all permutations: the sum of their sizes."""
+    units_moved: int
+    """Units that a permutation sends elsewhere; 0: the merge is the plain weighted sum of A and B."""
     prepass_seconds: float
     seconds: float
     output_bytes: int
@@ -125,6 +132,9 @@ class RunResult:
             "rel_distance": self.rel_distance,
             "permutations": self.permutations,
             "permutations_changed": self.permutations_changed,
+            "units": self.units,
+            "units_moved": self.units_moved,
+            "equals_plain_weighted_sum": self.units_moved == 0,
             "prepass_seconds": round(self.prepass_seconds, 3),
             "seconds": round(self.seconds, 3),
             "output_bytes": self.output_bytes,
@@ -134,7 +144,15 @@ class RunResult:
         }
         if self.alpha is None:
             del out["alpha"]
+        if self.command != "merge":
+            del out["equals_plain_weighted_sum"]
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
+
+
+def units_moved(perm: Any) -> int:
+    """Units that the permutation `perm` (unit -> source unit) does not leave in place."""
+    perm = np.asarray(perm)
+    return int(np.count_nonzero(perm != np.arange(len(perm))))
 
 
 def peak_rss_bytes() -> int | None:
@@ -157,7 +175,8 @@ def check_device(device: str) -> str:
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
+        visible = cuda_devices()
+        if not visible:
             why = (
                 "this torch build has no CUDA support"
                 if torch.version.cuda is None
@@ -166,8 +185,8 @@ def check_device(device: str) -> str:
             raise UserError(f"--device {device}: no GPU available ({why}); use --device cpu")
         if ":" in device:
             index = int(device.split(":", 1)[1]) if device.split(":", 1)[1].isdigit() else -1
-            if not 0 <= index < torch.cuda.device_count():
-                raise UserError(f"--device {device}: no such GPU ({torch.cuda.device_count()} visible)")
+            if not 0 <= index < visible:
+                raise UserError(f"--device {device}: no such GPU ({visible} visible)")
         return device
     raise UserError(f"--device {device!r}: expected cpu or cuda", exit_code=2)
 
@@ -197,6 +216,10 @@ def load_inputs(
     validate(b, opts.shapes)
     check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
     warn_extra_bytes((a, b), opts.quiet)
+    if same_files([a.path, b.path]) and not opts.quiet:
+        names = f"both {a.name}" if a.name == b.name else f"one file ({a.name} and {b.name})"
+        what = "the output is that model" if mode == "align" else "the merge gives that model back"
+        warn(f"A and B are {names}; {what}")
     return a, b, opts
 
 
@@ -222,6 +245,38 @@ def check_spec(ckpt: Checkpoint, opts: RunOptions) -> None:
         ) from None
     except ValueError as e:
         raise UserError(f"cannot be re-based: {e}", ckpt.path) from None
+
+
+def same_files(paths: Sequence[pathlib.Path]) -> list[list[int]]:
+    """The inputs that are one file, as groups of indices into `paths` (each in order, 2 or more):
+    a path given twice, a symbolic link beside its target, two hard links."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, path in enumerate(paths):
+        stat = path.stat()
+        groups.setdefault((stat.st_dev, stat.st_ino), []).append(i)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def same_file_text(paths: Sequence[pathlib.Path], group: Sequence[int]) -> str:
+    """`group` (from `same_files`) named by every name it was given under, with its input numbers:
+    "m1.safetensors is given twice (inputs 1 and 3)", "m1.safetensors and link.safetensors are one
+    file (inputs 1 and 2)" (the paths as given where two names are alike in other folders)."""
+    shown = list(dict.fromkeys(paths[i].name for i in group))
+    given = list(dict.fromkeys(str(paths[i]) for i in group))
+    if len(shown) < len(given):
+        shown = given
+    inputs = _and([str(i + 1) for i in group])
+    if len(shown) == 1:
+        return f"{shown[0]} is given {times(len(group))} (inputs {inputs})"
+    return f"{_and(shown)} are one file (inputs {inputs})"
+
+
+def times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def warn_extra_bytes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
@@ -505,7 +560,9 @@ def run(
         objective=float(result.objective) if result is not None else math.nan,
         rel_distance=float(result.rel_distance) if result is not None else math.nan,
         permutations=len(perms),
-        permutations_changed=sum(1 for p in perms.values() if any(int(v) != i for i, v in enumerate(p))),
+        permutations_changed=sum(1 for p in perms.values() if units_moved(p)),
+        units=sum(len(p) for p in perms.values()),
+        units_moved=sum(units_moved(p) for p in perms.values()),
         prepass_seconds=progress.prepass_seconds,
         seconds=time.perf_counter() - t0,
         output_bytes=size,

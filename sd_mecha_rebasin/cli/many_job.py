@@ -56,6 +56,9 @@ from .jobs import (
     check_spec,
     expected_output_bytes,
     open_targets,
+    same_file_text,
+    same_files,
+    times,
     warn_extra_bytes,
 )
 from .progress import ManyProgress, capture_logging, warn
@@ -166,12 +169,9 @@ def load_many(
         validate(ckpt, opts.shapes)
     _same_variant(ckpts, ref)
     warn_extra_bytes(ckpts, opts.quiet)
-    seen: dict[tuple[int, int], int] = {}
-    for i, ckpt in enumerate(ckpts):
-        stat = ckpt.path.stat()
-        first = seen.setdefault((stat.st_dev, stat.st_ino), i)
-        if first != i and not opts.quiet:
-            warn(f"{ckpt.name} is given twice (inputs {first + 1} and {i + 1}): it counts twice in the mean")
+    for group in same_files([c.path for c in ckpts]) if not opts.quiet else []:
+        text = same_file_text([c.path for c in ckpts], group)
+        warn(f"{text}: it counts {times(len(group))} in the mean")
     return ckpts, opts
 
 

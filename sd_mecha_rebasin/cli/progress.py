@@ -14,8 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
-PROG = "sd-rebasin"
-
+from ..common.launch import PROG
 
 PHASE_LABELS = {
     "scan": "checking A and B for NaN/Inf",
@@ -204,10 +203,47 @@ class _LogToStderr(logging.Handler):
         warn(line)
 
 
-def warn(message: str) -> None:
-    from tqdm import tqdm
+class WarningLog:
+    """The warnings of one command, for its `--json` object; `echo`: whether they also go to stderr."""
 
-    tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)
+    def __init__(self, echo: bool):
+        self.echo = echo
+        self.messages: list[str] = []
+
+
+_logs: list[WarningLog] = []
+"""Every `recording_warnings` now open, process-wide: warnings come from worker threads too."""
+_logs_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def recording_warnings(echo: bool = True) -> Iterator[list[str]]:
+    """Collect every `warn` message while open (the list it yields fills as they come).
+
+    `echo=False` keeps them off stderr (`--json --quiet`: the JSON object still lists them).
+    Outside any recording, `warn` only prints.
+    """
+    log = WarningLog(echo)
+    with _logs_lock:
+        _logs.append(log)
+    try:
+        yield log.messages
+    finally:
+        with _logs_lock:
+            _logs.remove(log)
+
+
+def warn(message: str) -> None:
+    """`sd-rebasin: warning: <message>` on stderr (above any progress bar), and into every open
+    `recording_warnings` log."""
+    with _logs_lock:
+        logs = list(_logs)
+        for log in logs:
+            log.messages.append(message)
+    if all(log.echo for log in logs):
+        from tqdm import tqdm
+
+        tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager

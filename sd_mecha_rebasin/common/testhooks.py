@@ -5,6 +5,8 @@ moment it wants to test (a sleep races the process). Instead it sets `SD_REBASIN
 `<point>:<fd>` and passes the write end of a pipe as `fd`; when the process reaches `pause(point)`,
 it writes `<point> <pid>` and a newline to `fd` and blocks for good, until the test's signal ends it.
 The test reads the line (or end-of-file, if the process exited first). Points:
+- "importing": the package's import is under way (torch and sd-mecha loaded, the rest not yet),
+  in the main thread;
 - "merging": the merge has started (output's partial file created), in the merge thread;
 - "writing": the output's partial file holds its header and first tensor;
 - "written": the output's partial file is complete, not yet renamed into place.

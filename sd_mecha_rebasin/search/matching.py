@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common.devices import ProductDevice, product_device
 from ..common.memory import return_freed_memory, scratch
 from ..permutations import groups
 from ..permutations.spec import (
@@ -90,10 +91,10 @@ def _product_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _as_matrix(part: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _as_matrix(part: torch.Tensor, dtype: torch.dtype, device: ProductDevice) -> torch.Tensor:
     """`part` as a contiguous `(len, -1)` matrix in `dtype` on `device`: one copy, any strides."""
-    if device.type != "cpu":
-        part = part.to(device)
+    if device.offload:
+        part = part.to(device.device)
     out = torch.empty(part.shape, dtype=dtype, device=part.device)
     out.copy_(part)
     return out.view(part.shape[0], -1)
@@ -105,7 +106,7 @@ def _paired_chunks(
     axis: int,
     seg,
     dtype: torch.dtype,
-    device: torch.device,
+    device: ProductDevice,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`(a, b)` matrix pairs, `(m, k_i)` each, with `sum_i a_i @ b_i.T` = the segment's product.
 
@@ -130,35 +131,36 @@ def _cost_matrix(
     ref: Mapping[str, torch.Tensor],
     aligned: Mapping[str, torch.Tensor],
     applied: np.ndarray,
-    device: torch.device,
+    device: ProductDevice,
     precision: str = "fp32",
 ) -> np.ndarray:
     """`C'[u, w] = sum over axes of <ref slice at unit u, aligned model slice at unit w>` (float64).
 
     `aligned` is the model with every current permutation applied, `space`'s own included, so
     this is `C[:, applied]` for the cost `C` of the original model's units (see `_solve`).
-    Products run chunk by chunk on `device` in the precision's dtype and accumulate in float32.
+    Products run chunk by chunk on `device` in the precision's dtype and accumulate in float32
+    (on the device, then copied back, when it is an accelerator: `ProductDevice.offload`).
     """
     n = spec.spaces[space].size
     dtype = _product_dtype(precision)
-    if device.type == "cpu":
-        cost = scratch("cost", (n, n), torch.float32).zero_()
+    if device.offload:
+        cost = torch.zeros(n, n, dtype=torch.float32, device=device.device)
     else:
-        cost = torch.zeros(n, n, dtype=torch.float32, device=device)
+        cost = scratch("cost", (n, n), torch.float32).zero_()
     for key, axis, seg in spec.segments_of(space):
         if key not in ref or key not in aligned:
             continue
         m = len(seg.units)
         lo = int(seg.units[0])
         contiguous = np.array_equal(seg.units, np.arange(lo, lo + m))
-        block = cost[lo : lo + m, lo : lo + m] if contiguous else torch.zeros(m, m, device=device)
+        block = cost[lo : lo + m, lo : lo + m] if contiguous else torch.zeros(m, m, device=device.device)
         for a, b in _paired_chunks(ref[key], aligned[key], axis, seg, dtype, device):
             if dtype == torch.float32:
                 block.addmm_(a, b.T)
             else:
                 block += a @ b.T
         if not contiguous:
-            units = torch.from_numpy(seg.units).to(device)
+            units = torch.from_numpy(seg.units).to(device.device)
             cost.index_put_((units[:, None], units[None, :]), block, accumulate=True)
     return scratch("cost64", (n, n), torch.float64).copy_(cost).numpy()  # valid until this thread's next
 
@@ -169,7 +171,7 @@ def _solve(
     ref: Mapping[str, torch.Tensor],
     aligned: Mapping[str, torch.Tensor],
     applied: np.ndarray,
-    device: torch.device,
+    device: ProductDevice,
     solver: str | None,
     precision: str,
 ) -> tuple[np.ndarray, float]:
@@ -316,7 +318,7 @@ def weight_matching(
     max_iter: int = 100,
     seed: int = 0,
     threads: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | ProductDevice = "cpu",
     solver: str | None = None,
     precision: str = "fp32",
     init: Permutations | None = None,
@@ -329,8 +331,10 @@ def weight_matching(
 
     `apply_permutation(spec, result.perms, model)` is `model` aligned to `ref`. Tensors may be
     fp16/bf16/fp32; `precision` picks how products are computed (see `PRECISIONS`), and cost
-    matrices are handed to the solver in float64. `threads=None` uses every
-    CPU; the result is bit-identical for any thread count with the same seed. `init` starts from
+    matrices are handed to the solver in float64. `device` is where the products run ("cpu",
+    "cuda", ...; see `common.devices`); the assignments always run on CPU threads (a GPU's float32
+    sums may round differently, so near-equal units may then pair the other way). `threads=None`
+    uses every CPU; the result is bit-identical for any thread count with the same seed. `init` starts from
     given permutations instead of the identity; `warm_start` first tries the invariant-feature
     start (see `warm_start.py`) and keeps it only if its objective beats the starting point's.
     `overwrite_model` lets matching permute `model`'s tensors in place instead of holding a
@@ -339,7 +343,7 @@ def weight_matching(
     starting point (phase "start") and each sweep's "sweep_start" and "solve" events, as
     `events.py` describes them (a few per permutation solved, never per element).
     """
-    device = torch.device(device)
+    device = product_device(device)
     _product_dtype(precision)  # reject an unknown precision before any work
     threads = threads or default_threads()
     start = {name: p.copy() for name, p in (init or {}).items()}

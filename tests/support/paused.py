@@ -21,11 +21,26 @@ HANG_GUARD_SECONDS = 1800
 take seconds); the test then fails with the child's output instead of blocking CI forever."""
 
 
+MODULE = ["-m", "sd_mecha_rebasin"]
+"""`python -m sd_mecha_rebasin`: one way to start the command line."""
+
+
+def console_script() -> list[str]:
+    """What the installed `sd-rebasin` script runs, as python arguments: it imports the entry point
+    that pyproject's `[project.scripts]` names and calls it (as pip's generated script does)."""
+    import tomllib
+
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["sd-rebasin"]
+    module, _, function = entry.partition(":")
+    return ["-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
 def start_paused(
-    point: str, args: list[str], cwd: pathlib.Path, log: pathlib.Path
+    point: str, args: list[str], cwd: pathlib.Path, log: pathlib.Path, entry: list[str] = MODULE
 ) -> tuple[subprocess.Popen, str]:
-    """Start `python -m sd_mecha_rebasin args` and return it once it is paused at `point`, with the
-    line it wrote (`"<point> <pid>\\n"`). Its stdout and stderr go to `log`."""
+    """Start the command line (`python <entry> args`: `MODULE` or `console_script()`) and return it
+    once it is paused at `point`, with the line it wrote (`"<point> <pid>\\n"`). Its stdout and
+    stderr go to `log`."""
     read_end, write_end = os.pipe()
     env = os.environ | {
         "SD_REBASIN_TEST_PAUSE": f"{point}:{write_end}",
@@ -33,7 +48,7 @@ def start_paused(
     }
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sd_mecha_rebasin", *args],
+            [sys.executable, *entry, *args],
             cwd=cwd,
             env=env,
             pass_fds=(write_end,),
