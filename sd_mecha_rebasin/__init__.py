@@ -11,6 +11,7 @@ below (tests/test_layers.py).
 """
 
 from .architectures import permutation_spec
+from .files.quantized import register_sd_mecha_formats
 from .mecha.input_channels import fill_input_channels
 from .mecha.merge_method import rebasin
 from .mecha.merge_method_many import rebasin_many
@@ -20,6 +21,7 @@ from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_man
 from .search.matching import MatchResult, SweepStats, weight_matching
 
 register_model_configs()
+register_sd_mecha_formats()  # sd-mecha reads GGUF and fp8 scaled files dequantized (files/quantized.py)
 
 from .mecha import blocks, interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
 

@@ -345,6 +345,8 @@ def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
         click.echo("markers:     " + ", ".join(info["markers"]))
     if info["variant"] is not None:
         click.echo(f"variant:     {info['variant']} ({info['input_channels']} UNet input channels)")
+    if info["quantization"]:
+        click.echo(f"quantized:   {info['quantization']} (read dequantized, float32)")
     if info["extra_bytes"]:
         click.echo(f"extra bytes: {info['extra_bytes']} (belong to no tensor; ignored)")
     for key, value in info["modelspec"].items():
