@@ -384,10 +384,7 @@ def register_sd_mecha_formats() -> None:
     """
     import sd_mecha.extensions.model_formats as formats
 
-    try:
-        single = formats.resolve("single_file")
-    except KeyError:
-        single = None
+    single = next((f for f in formats.get_all() if getattr(f, "identifier", None) == "single_file"), None)
     if single is not None and not getattr(single, "_sd_rebasin_dequantizes", False):
         own = single.get_read_dict
 
