@@ -244,6 +244,9 @@ def test_scaled_reading_per_row_scale_e5m2_and_inspect(tmp_path, capsys):
     assert torch.equal(values[conv], conv_codes.float() * torch.tensor(0.01))
     assert torch.equal(values[UNET + "input_blocks.0.0.bias"], tensors[UNET + "input_blocks.0.0.bias"])
     assert "fp8 scaled" in ckpt.quantized.format and "2 scaled layers" in ckpt.quantized.format
+    both = quirks.save(tmp_path / "both.safetensors", {**stored, layer + ".scale_weight": row_scale})
+    with pytest.raises(UserError, match="two scales for " + key.replace(".", r"\.")):
+        open_checkpoint(both)
 
 
 # --------------------------------------------------------------------------------------------

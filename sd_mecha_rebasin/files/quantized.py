@@ -169,7 +169,10 @@ def open_scaled_fp8(path: str | os.PathLike, header: Header) -> ScaledFp8File | 
     for key in keys:
         for suffix, convention in SCALE_SUFFIXES.items():
             if key.endswith(suffix):
-                scale_of[key[: -len(suffix)] + ".weight"] = key
+                weight = key[: -len(suffix)] + ".weight"
+                if weight in scale_of:
+                    raise UserError(f"has two scales for {weight}: {scale_of[weight]} and {key}", path)
+                scale_of[weight] = key
                 conventions.add(convention)
     marker = [k for k in keys if k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER)]
     if not scale_of and not formats and not marker:
@@ -281,7 +284,9 @@ class GGUFFile:
                 values = torch.from_numpy(np.array(t.data, dtype=np.float16, copy=True))
             else:
                 try:
-                    data = np.array(gguf.quants.dequantize(t.data, qtype), dtype=np.float32, copy=True)
+                    data = gguf.quants.dequantize(t.data, qtype)
+                    if np.shares_memory(data, t.data):  # F32 is a view of the read-only mapping
+                        data = data.copy()
                 except (NotImplementedError, ValueError) as e:
                     raise UserError(
                         f"GGUF tensor {key} has type {qtype.name}, which gguf cannot dequantize ({e})",
