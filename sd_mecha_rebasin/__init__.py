@@ -22,6 +22,7 @@ from .architectures import permutation_spec  # noqa: E402  (torch and sd-mecha: 
 
 _testhooks.pause("importing")
 
+from .files.quantized import register_sd_mecha_formats  # noqa: E402
 from .mecha.input_channels import fill_input_channels  # noqa: E402
 from .mecha.merge_method import rebasin  # noqa: E402
 from .mecha.merge_method_many import rebasin_many  # noqa: E402
@@ -36,6 +37,7 @@ from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_man
 from .search.matching import MatchResult, SweepStats, weight_matching  # noqa: E402
 
 register_model_configs()
+register_sd_mecha_formats()  # sd-mecha reads GGUF and fp8 scaled files dequantized (files/quantized.py)
 
 from .mecha import blocks, interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
 

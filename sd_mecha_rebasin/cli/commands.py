@@ -275,7 +275,8 @@ def merge(
 ) -> int:
     """Align B to A, then merge: (1 - alpha) * A + alpha * pi(B).
 
-    A and B are .safetensors or .ckpt/.pt files of the same family (SD1, SD2 or SDXL). The output
+    A and B are .safetensors or .ckpt/.pt files of the same family (SD1, SD2 or SDXL); fp8 scaled
+    files are dequantized exactly first (bitsandbytes NF4/FP4 and NVFP4 are refused). The output
     has A's keys: EMA weights, scheduler buffers, v-prediction markers and keys sd-mecha does not
     know are copied from A as they are.
 
@@ -368,8 +369,8 @@ def merge_many_cmd(
 ) -> int:
     """Re-base N models into one basis (Git Re-Basin MergeMany) and write their weighted mean.
 
-    M1 ... MN: at least 2 checkpoints of one family (.safetensors, .ckpt, .pt); a file given twice
-    counts twice. Each model is aligned by weight matching to the weighted mean of the others,
+    M1 ... MN: at least 2 checkpoints of one family (.safetensors, .ckpt, .pt; fp8 scaled files
+    dequantized exactly); a file given twice counts twice. Each model is aligned by weight matching to the weighted mean of the others,
     pass after pass, until no model moves. The output lives in the reference's basis and has its
     keys, so LoRAs and ControlNets made for the reference's base keep working. Memory does not
     grow with N.
@@ -434,6 +435,8 @@ def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
         click.echo("markers:     " + ", ".join(info["markers"]))
     if info["variant"] is not None:
         click.echo(f"variant:     {info['variant']} ({info['input_channels']} UNet input channels)")
+    if info["quantization"]:
+        click.echo(f"quantized:   {info['quantization']} (read dequantized, float32)")
     if info["extra_bytes"]:
         click.echo(f"extra bytes: {info['extra_bytes']} (belong to no tensor; ignored)")
     for key, value in info["modelspec"].items():

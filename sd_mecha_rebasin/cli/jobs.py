@@ -742,6 +742,7 @@ def describe_checkpoint(
         info: dict[str, Any] = {
             "file": str(path),
             "format": ckpt.kind,
+            "quantization": ckpt.quantized.format if ckpt.quantized is not None else None,
             "bytes": path.stat().st_size,
             "family": ckpt.family,
             "config": config,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..common.errors import UserError
-from . import safetensors_file
+from . import quantized, safetensors_file
 from .safetensors_file import HeaderError, pickle_signature
 from .variants import same_but_input_channels, variant_shape_ok
 
@@ -56,7 +56,7 @@ class Checkpoint:
     path: pathlib.Path
     """The path as the user gave it (used in messages)."""
     kind: str
-    """"safetensors" or "pickle"."""
+    """"safetensors", "pickle" or "gguf"."""
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     metadata: dict[str, str]
@@ -66,7 +66,10 @@ class Checkpoint:
     canonical: dict[str, str] = dataclasses.field(default_factory=dict)
     """File key -> the config's key name (aliases resolved); keys the config lacks map to themselves."""
     header: safetensors_file.Header | None = None
-    """The checked safetensors header (None for pickles)."""
+    """The checked safetensors header (None for pickles and GGUF)."""
+    quantized: quantized.ScaledFp8File | quantized.GGUFFile | None = None
+    """The dequantizing reader of a quantized file (fp8 scaled, GGUF; `files/quantized.py`): then
+    `shapes`/`dtypes` are what it yields (dequantized weights float32, scale keys absent)."""
 
     @property
     def extra_bytes(self) -> int:
@@ -90,8 +93,11 @@ class Checkpoint:
             for key in keys:
                 yield key, sd[key]
             return
-        assert self.header is not None
         try:
+            if self.quantized is not None:
+                yield from self.quantized.read_tensors(keys)
+                return
+            assert self.header is not None
             yield from safetensors_file.read_tensors(self.path, self.header, keys)
         except OSError as e:
             raise UserError(f"cannot read: {e.strerror or e}", self.path) from None
@@ -129,11 +135,14 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise UserError(
             f"sd-mecha reads only lower-case {suffix} files; rename it to {path.stem}{suffix}", path
         )
-    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + quantized.GGUF_SUFFIXES:
         raise UserError(
-            f"unsupported file type {suffix or '(no extension)'!r}: expected .safetensors, .ckpt, .pt or .pth",
+            f"unsupported file type {suffix or '(no extension)'!r}: expected .safetensors, .ckpt, .pt, .pth or .gguf",
             path,
         )
+    if suffix in quantized.GGUF_SUFFIXES:
+        gguf = quantized.open_gguf(path)
+        return Checkpoint(path, "gguf", gguf.shapes, gguf.dtypes, {}, quantized=gguf)
     try:
         header: safetensors_file.Header | HeaderError = safetensors_file.read_header(path)
         head = _read_head(path)
@@ -149,6 +158,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 raise UserError(
                     f"not a safetensors file: it is a PyTorch {kind} checkpoint; rename it to .ckpt", path
                 )
+            if quantized.is_gguf(head):
+                raise UserError("not a safetensors file: it is a GGUF file; rename it to .gguf", path)
             raise UserError(str(header), path)
         return _open_safetensors(path, header)
     if not isinstance(header, HeaderError):
@@ -169,6 +180,11 @@ def _read_head(path: pathlib.Path) -> bytes:
 def _open_safetensors(path: pathlib.Path, header: safetensors_file.Header) -> Checkpoint:
     if not header.tensors:
         raise UserError("holds no tensors", path)
+    scaled = quantized.open_scaled_fp8(path, header)  # None unless it has fp8 scales
+    if scaled is not None:
+        return Checkpoint(
+            path, "safetensors", scaled.shapes, scaled.dtypes, dict(header.metadata), header, quantized=scaled
+        )
     shapes = {k: e.shape for k, e in header.tensors.items()}
     dtypes = {k: e.dtype for k, e in header.tensors.items()}
     return Checkpoint(path, "safetensors", shapes, dtypes, dict(header.metadata), header=header)
@@ -266,6 +282,7 @@ def _describe_top(obj: Any) -> str:
 
 def _open_pickle(path: pathlib.Path) -> Checkpoint:
     sd = load_pickle(path)
+    quantized.refuse_in_pickle(path, sd)
     readable = set(safetensors_file.DTYPES.values())
     sparse = sorted(k for k, v in sd.items() if v.layout != torch.strided)
     if sparse:
@@ -300,6 +317,10 @@ _OTHER_KINDS: list[tuple[str, str]] = [
         "a diffusers-format UNet (convert it to a single-file checkpoint)",
     ),
     (r"^(text_model|text_encoder)\.", "a text encoder only"),
+    (
+        r"^(input_blocks|middle_block|output_blocks)\.",
+        "a UNet-only file (LDM names without model.diffusion_model.; not supported yet)",
+    ),
     (r"^(first_stage_model\.)?(encoder|decoder)\.(conv_in|down|up|mid)", "a VAE only"),
 ]
 
@@ -528,6 +549,7 @@ def register_pickle_format() -> None:
     import sd_mecha.extensions.model_formats as formats
     from sd_mecha.streaming import SafetensorsMapping, StateDictKeyError, TensorMetadata
 
+    quantized.register_sd_mecha_formats()  # GGUF and fp8 scaled files read dequantized
     probe = pathlib.Path("probe.ckpt")
     if any(fmt.matches(probe) for fmt in formats.get_all()):
         return

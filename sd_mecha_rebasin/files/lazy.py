@@ -31,9 +31,9 @@ class FileStateDict(Mapping[str, torch.Tensor]):
         self._file_key = {ckpt.canonical.get(k, k): k for k in ckpt.shapes}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        """The tensor, read from its byte range (`Checkpoint.iter_tensors`); a pickle's is cloned."""
+        """The tensor, read from its byte range or dequantized (`Checkpoint.iter_tensors`); a pickle's is cloned."""
         ((_, tensor),) = self.ckpt.iter_tensors([self._file_key[key]])
-        return tensor if self.ckpt.kind == "safetensors" else tensor.clone()
+        return tensor.clone() if self.ckpt.kind == "pickle" else tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_key)
