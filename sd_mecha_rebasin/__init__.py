@@ -18,7 +18,8 @@ from .common import testhooks as _testhooks
 
 _launch.guard_start()
 
-from .architectures import permutation_spec  # noqa: E402  (torch and sd-mecha: after the guard)
+from .architectures import permutation_spec  # noqa: E402
+from .common import sd_mecha_compat  # noqa: E402, F401  (torch and sd-mecha: after the guard; first, patches <1.1.8)
 
 _testhooks.pause("importing")
 

@@ -94,5 +94,9 @@ def test_no_import_cycles():
 def test_the_checker_sees_an_upward_import(tmp_path):
     """The rules above are not vacuous: the graph has edges, and an upward edge would be reported."""
     assert sum(len(v) for v in GRAPH.values()) > 50
-    assert layer(f"{PACKAGE}.cli.jobs") > layer(f"{PACKAGE}.files.checkpoint") > layer(f"{PACKAGE}.common.errors")
+    assert (
+        layer(f"{PACKAGE}.cli.jobs")
+        > layer(f"{PACKAGE}.files.checkpoint")
+        > layer(f"{PACKAGE}.common.errors")
+    )
     assert f"{PACKAGE}.common.errors" in GRAPH[f"{PACKAGE}.files.checkpoint"]

@@ -106,7 +106,7 @@ def test_dispatch_order_prefers_the_inferred_config_then_ours():
     assert order == ["git_rebasin_sd1_ldm", "git_rebasin_sd2_ldm", "git_rebasin_sdxl_sgm", BUILTIN]
 
 
-@pytest.mark.parametrize("version", ["1.1.7", "1.2.0", "2.0.0"])
+@pytest.mark.parametrize("version", ["1.1.5", "1.2.0", "2.0.0"])
 def test_dispatch_is_left_alone_on_an_unexpected_sd_mecha_version(version):
     fresh = copy.copy(INTERFACE)
     del fresh.dispatch  # sd-mecha's own method again

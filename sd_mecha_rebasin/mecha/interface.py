@@ -40,6 +40,7 @@ from sd_mecha.extensions import merge_methods as mecha_methods
 from sd_mecha.extensions import model_configs as mecha_configs
 from torch import Tensor
 
+from ..common.sd_mecha_compat import SD_MECHA_RANGE
 from ..model_configs import sd1_or_sd2_from_shapes
 from .merge_method import rebasin as git_rebasin
 
@@ -49,9 +50,6 @@ INTERFACE = "rebasin"
 CONFIGS = ("sd1-ldm", "sd2-ldm", "sdxl-sgm")
 """Model configs our implementations cover (SD2 is this package's `sd2-ldm` config)."""
 
-SD_MECHA_RANGE = ((1, 1, 8), (1, 2, 0))
-"""sd-mecha versions whose dispatch internals `install_dispatch` was written for: >=1.1.8,<1.2
-(pyproject's pin)."""
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +179,7 @@ def install_dispatch(interface: Any = None, version: str | None = None) -> bool:
     )
     if not low <= _version_tuple(version) < high or not expected:
         warnings.warn(
-            f"sd_mecha_rebasin: sd-mecha {version} is outside the tested range >=1.1.8,<1.2; "
+            f"sd_mecha_rebasin: sd-mecha {version} is outside the tested range >=1.1.6,<1.2 (tested on 1.1.6, 1.1.7, 1.1.8); "
             "sd_mecha.rebasin keeps sd-mecha's own candidate order (use sd_mecha_rebasin.rebasin, "
             "merge method 'git_rebasin', for exact re-basin)",
             RuntimeWarning,

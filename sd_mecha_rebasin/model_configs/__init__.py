@@ -57,7 +57,7 @@ def register_model_configs() -> list[str]:
                     f"sd-mecha already has a model config '{identifier}' ({existing!r}, "
                     f"from {getattr(existing, 'yaml_config_file', type(existing).__module__)}); "
                     f"sd_mecha_rebasin will not replace it with {path}. "
-                    "Your sd-mecha may be newer than this package supports (sd-mecha>=1.1.8,<1.2)."
+                    "Your sd-mecha may be newer than this package supports (sd-mecha>=1.1.6,<1.2)."
                 )
             identifiers.append(identifier)
     return identifiers
