@@ -37,21 +37,6 @@ XL_G = PREFIXES["sdxl"]["clip_g"]
 _CACHE: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request: pytest.FixtureRequest):
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    threads' spin-waiting makes them several times slower."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def tiny(family: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A fresh shallow copy of the seed-0 tiny state dict, and its output."""
     if family not in _CACHE:
