@@ -27,9 +27,16 @@ def digits():
 
 
 def trained(train_data: data.Digits, seed: int, steps: int = 3) -> dict[str, torch.Tensor]:
-    model = models.build(WIDTH, seed)
-    train(model, train_data, TrainConfig(steps=steps, seed=seed, batch=8, warmup=1))
-    return models.to_ldm(model)
+    """Training is deterministic for one seed *and one thread count*; the module fixtures below
+    are built before conftest's per-test one-thread fixture runs, so pin the count here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = models.build(WIDTH, seed)
+        train(model, train_data, TrainConfig(steps=steps, seed=seed, batch=8, warmup=1))
+        return models.to_ldm(model)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
