@@ -478,7 +478,8 @@ def test_all_others_on_models_in_unrelated_bases_ends_below_the_incremental_star
     blurs of unaligned models, and on the tiny recovery cases it ends in a worse optimum."""
     result = merge_many(case.spec, case.models, threads=2, start="all-others")
     assert result.history[-1].objective < case.result.history[-1].objective
-    assert result.history[-1].objective >= result.history[0].objective
+    first = result.history[0].objective
+    assert result.history[-1].objective >= first - 1e-7 * abs(first)  # (a float32 sum updated in place)
 
 
 def test_each_models_result_is_reported_as_it_is_known_and_sent_to_listeners():
