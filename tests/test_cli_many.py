@@ -334,7 +334,7 @@ def test_start_all_others_on_shared_basis_files_is_one_pass_and_the_weighted_mea
         for k in list(merged)[:20]:
             if merged[k].is_floating_point():
                 want = sum(load_file(p)[k].float() for p in shared) / N
-                torch.testing.assert_close(merged[k], want, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(merged[k].float(), want, rtol=1e-3, atol=1e-5)  # fp16 output
     rc, stdout, err = run_cli(capsys, *args[:-1], "--overwrite")
     assert rc == 0, err
     assert "nothing moved: the merge equals the weighted mean of the inputs" in stdout
