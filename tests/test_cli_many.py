@@ -338,7 +338,7 @@ def test_start_all_others_on_shared_basis_files_is_one_pass_and_the_weighted_mea
     rc, stdout, err = run_cli(capsys, *args[:-1], "--overwrite")
     assert rc == 0, err
     assert "nothing moved: the merge equals the weighted mean of the inputs" in stdout
-    assert "1 pass(es), 2 alignment(s) (all-others start)" in stdout
+    assert "1 pass(es), converged; 2 alignment(s) (all-others start)" in stdout
 
 
 def test_a_bad_start_is_a_usage_error(inputs, tmp_path, capsys):

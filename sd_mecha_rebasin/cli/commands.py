@@ -420,8 +420,8 @@ def merge_many_cmd(
         else:
             state = "stopped at --max-passes"
         click.echo(
-            f"MergeMany: {len(res.passes)} pass(es), {len(res.steps)} alignment(s) ({res.start} start), "
-            f"{state}; objective {last.objective:.8g}; "
+            f"MergeMany: {len(res.passes)} pass(es), {state}; {len(res.steps)} alignment(s) ({res.start} start); "
+            f"objective {last.objective:.8g}; "
             f"reference {res.inputs[res.ref]}; permutations moved per model: "
             + ", ".join(str(n) for n in res.permutations_changed)
             + f" of {res.permutations}"
