@@ -20,7 +20,7 @@ from sd_mecha_rebasin import (
 )
 from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
 from sd_mecha_rebasin.files.lazy import FileStateDict
-from sd_mecha_rebasin.permutations.spec import invert
+from sd_mecha_rebasin.permutations.spec import identity_permutation, invert
 from sd_mecha_rebasin.search.many import compose, running_sum_dtype
 
 FAMILIES = {"sd1": "sd1-ldm", "sd2": "sd2-ldm", "sdxl": "sdxl-sgm"}
@@ -433,18 +433,21 @@ def shared_basis(family: str = "sd1", n: int = N):
     return spec, [add_noise(base, NOISE, seed=100 + i) for i in range(n)]
 
 
-@pytest.mark.parametrize("start", ["incremental", "all-others"])
+@pytest.mark.parametrize("start", ["incremental", "all-others", "auto"])
 def test_shared_basis_inputs_stop_after_one_pass_with_all_others(start):
     """all-others: one pass of N - 1 alignments (every first target is already the mean of all the
-    others); incremental: 2N - 3 (the first models' targets were partial means). Both move nothing,
-    and the output is the weighted mean of the inputs, bit for bit."""
+    others); auto: the same and the reference's check (N); incremental: 2N - 3 (the first models'
+    targets were partial means). All move nothing, and the output is the weighted mean of the
+    inputs, bit for bit."""
     spec, models = shared_basis()
     weights = [0.4, 0.1, 0.2, 0.3]
     steps = []
     result = merge_many(spec, models, weights=weights, threads=2, start=start, on_progress=steps.append)
     assert result.converged and result.start == start and result.equals_weighted_mean
-    want = (1, N - 1) if start == "all-others" else (2, 2 * N - 3)
-    assert (result.passes, result.alignments) == want
+    want = {"all-others": (1, N - 1), "auto": (1, N), "incremental": (2, 2 * N - 3)}[start]
+    assert (result.passes, result.alignments) == want and not result.restarted
+    if start == "auto":  # the check: the reference against the mean of the others, last
+        assert [s.model for s in result.steps][-1] == 0 and len({s.model for s in result.steps}) == N
     assert [s.unmoved for s in result.history] == [True] * result.passes
     assert [s.last for s in result.history] == [False] * (result.passes - 1) + [True]
     assert all(s.changed == 0 and s.units_moved == 0 for s in result.steps)
@@ -489,7 +492,7 @@ def test_each_models_result_is_reported_as_it_is_known_and_sent_to_listeners():
     c = Case("sd1", n=3)
     heard = []
     with events.listening(lambda event, data: heard.append((event, data))):
-        result = merge_many(c.spec, c.models, threads=2, on_progress=emit_progress)
+        result = merge_many(c.spec, c.models, threads=2, start="incremental", on_progress=emit_progress)
     names = [e for e, _ in heard]
     assert names[:2] == ["many_model", "many_model"] and "many_pass" in names
     steps = [d["step"] for e, d in heard if e == "many_model"]
@@ -542,5 +545,93 @@ def test_low_memory_refuses_a_value_beyond_float16():
     models[1][key].view(-1)[0] = 1e6
     with pytest.raises(OutOfRange, match=f"model 2: {key} holds values beyond float16's range"):
         merge_many(c.spec, models, threads=2, low_memory=True)
-    with pytest.raises(ValueError, match="start must be one of incremental, all-others"):
+    with pytest.raises(ValueError, match="start must be one of auto, incremental, all-others"):
         merge_many(c.spec, models, start="paper")
+
+
+# --- start="auto": all-others until a model moves, then the incremental start ---
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def permuted(request):
+    """Every model permuted (the recovery cases), merged with the incremental start and with auto."""
+    c = Case(request.param)
+    c.incremental = merge_many(c.spec, c.models, threads=2, start="incremental")
+    c.auto = merge_many(c.spec, c.models, threads=2, start="auto")
+    return c
+
+
+def test_auto_recovers_every_hidden_permutation_of_permuted_models(permuted):
+    c, result = permuted, permuted.auto
+    assert result.converged and result.restarted and result.start == "auto"
+    for i in range(N):
+        assert same_perms(result.perms[i], c.expected(i)), f"model {i}"
+    # The same permutations as the incremental start, so the same objective (float32 sums in
+    # place, built in other orders: equal to 1e-9); checked against its direct computation.
+    assert all(same_perms(p, q) for p, q in zip(result.perms, c.incremental.perms))
+    want = pairwise_objective(c.spec, c.models, result.perms, result.weights)
+    assert result.history[-1].objective == pytest.approx(want, rel=1e-6)
+    assert result.history[-1].objective == pytest.approx(c.incremental.history[-1].objective, rel=1e-9)
+
+
+def test_auto_restarts_at_the_first_model_that_moves_and_costs_one_alignment_more(permuted):
+    """The first all-others target is a blur of unaligned models, so its model moves: pass 1 is
+    restarted incrementally, with that model last (its all-others answer is not reused: the
+    others moved in the restart), and everything from there is the incremental start's."""
+    steps = permuted.auto.steps
+    assert steps[0].changed > 0 and steps[0].pass_index == 1
+    assert steps[1].position == 1 and steps[1].model != steps[0].model
+    assert permuted.auto.alignments == permuted.incremental.alignments + 1
+
+
+@pytest.mark.parametrize("odd", [2, 0])
+def test_auto_brings_back_one_permuted_model_among_fine_tunes_of_one_base(odd):
+    """One model in another basis among fine-tunes of one base, a model (2) or the reference (0).
+    all-others handles the first but not the second: with the reference fixed, each of the other
+    models' best answer in its own basis is the others' majority basis, so it stops at once with
+    the reference unaligned to the rest (a worse objective). auto recovers both: the model that
+    moves (or the reference's check) restarts pass 1 incrementally."""
+    spec, models = shared_basis()
+    hidden = random_permutation(spec, seed=77)
+    models[odd] = apply_permutation(spec, hidden, models[odd])
+    expected = [identity_permutation(spec) for _ in range(N)]  # into model 0's basis
+    if odd == 0:
+        expected = [expected[0]] + [hidden] * (N - 1)
+    else:
+        expected[odd] = invert(hidden)
+    result = merge_many(spec, models, threads=2, start="auto")
+    assert result.converged and result.restarted
+    assert all(same_perms(p, q) for p, q in zip(result.perms, expected))
+    incremental = merge_many(spec, models, threads=2, start="incremental")
+    assert all(same_perms(p, q) for p, q in zip(incremental.perms, expected))
+    assert result.history[-1].objective == pytest.approx(incremental.history[-1].objective, rel=1e-9)
+    paper = merge_many(spec, models, threads=2, start="all-others")
+    if odd == 0:
+        assert paper.alignments == N - 1 and paper.equals_weighted_mean
+        assert paper.history[-1].objective < 0.9 * result.history[-1].objective
+    else:
+        assert all(same_perms(p, q) for p, q in zip(paper.perms, expected))
+
+
+def test_auto_reuses_the_answer_of_the_model_that_moved_when_nothing_else_moves():
+    """The odd model visited first: its all-others target is the base (the others share it), the
+    restart aligns the others to the reference and to each other (nothing moves), and the odd
+    model, last, would be aligned to the mean of all the others in their own bases: exactly its
+    all-others alignment, so that answer is kept, not recomputed."""
+    spec, models = shared_basis()
+    hidden = random_permutation(spec, seed=77)
+    first = merge_many(spec, models, threads=2, start="auto", max_passes=1).steps[0].model
+    models[first] = apply_permutation(spec, hidden, models[first])
+    result = merge_many(spec, models, threads=2, start="auto")
+    assert result.restarted and same_perms(result.perms[first], invert(hidden))
+    pass1 = [s.model for s in result.steps if s.pass_index == 1]
+    assert pass1[0] == first and pass1.count(first) == 1 and len(pass1) == N - 1  # N - 2 in the restart
+    assert all(s.changed == 0 for s in result.steps[1:])
+
+
+def test_auto_on_two_models_is_the_pair_merge():
+    c = Case("sd1", n=2)
+    result = merge_many(c.spec, c.models, threads=2, start="auto")
+    pair = weight_matching(c.spec, c.models[0], c.models[1], seed=0, threads=2)
+    assert result.alignments == 1 and same_perms(result.perms[1], pair.perms)
+    assert same_perms(result.perms[1], c.expected(1))

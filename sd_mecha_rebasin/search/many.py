@@ -33,7 +33,29 @@ What this implementation adds to the paper's loop, and why:
   each model visited to the mean of the models already placed: a first target is never a blur of
   unaligned models, and for N = 2 it is exactly the pair merge (model 1 aligned to the reference);
   but every model placed changes the later ones' targets, so models that share a basis still need
-  a second pass of N - 2 confirming alignments (2N - 3 in all).
+  a second pass of N - 2 confirming alignments (2N - 3 in all). All-others loses on models that are
+  all in unrelated bases: their first targets are blurs of unaligned models, and the loop settles
+  in a worse optimum (the tiny recovery cases: hidden permutations not recovered).
+- **Adaptive first pass** (`start="auto"`, the default). Pass 1 runs as all-others; the first
+  weighted model that moves shows that the inputs do not share one basis, and from then on the
+  targets of all-others are the blurs above, so the pass is restarted incrementally (the sum back
+  to the reference alone, every model back in its own basis): first the models already aligned
+  in it, then those not yet visited, and the model that moved last. Why that order: in an
+  incremental pass the last model's target is the mean of all the others, so if no model moved
+  in the restart its target and its start (its own basis) are exactly those of its all-others
+  alignment, and that result is reused instead of aligning it again (up to the rounding of the
+  running sum, which is built in another order). Everything else is incremental from there, so
+  permuted inputs recover what the incremental start recovers. If no weighted model moved, one
+  more alignment checks the reference against the mean of the others (its result is only a
+  test: the reference is never permuted): with the reference fixed, N - 1 unmoved models cannot
+  tell "all share the reference's basis" from "all but the reference share one", where every
+  model's best answer, in its own basis, is the others' majority basis, and all-others would
+  stop with the reference unaligned to the rest. If the reference moves, the pass is restarted
+  incrementally (no result to reuse). Shared-basis inputs: one pass of N alignments (N - 1 models
+  and the check; N = 2: one, the pair merge) and the output is their weighted mean; permuted
+  inputs: the alignments run before the restart, then the incremental start's. This is the
+  paper's loop (Ainsworth et al. 2023, Alg. 3, which starts every model in its own basis) where
+  its start is exact, and the incremental start where it is not.
 - **Weight 0.** A model of weight 0 is aligned to the mean of the others but adds nothing to it, so
   its moves make no other model stale; it is aligned once the weighted models need nothing more
   (in the same pass), not in every pass.
@@ -71,12 +93,13 @@ from .matching import _accurate_sum, default_threads, weight_matching
 DEFAULT_MAX_PASSES = 100
 """The paper's code stops at 100 passes at the latest."""
 
-STARTS = ("incremental", "all-others")
+STARTS = ("auto", "incremental", "all-others")
 """First passes: "incremental" aligns each model to the mean of the models placed before it (the
 reference first); "all-others" (the paper's) to the mean of all the other models, every one in its
-own basis, so inputs that already share a basis stop after one pass of N - 1 alignments."""
+own basis, so inputs that already share a basis stop after one pass of N - 1 alignments; "auto"
+runs all-others and restarts the pass incrementally as soon as a model moves (module docstring)."""
 
-DEFAULT_START = "incremental"
+DEFAULT_START = "auto"
 
 LOW_MEMORY_DTYPE = torch.float16
 """What `low_memory` holds the running sum and the model being aligned in when an input is wider.
@@ -168,6 +191,9 @@ class ManyResult:
     """Every alignment, in the order run."""
     start: str = DEFAULT_START
     low_memory: bool = False
+    restarted: bool = False
+    """`start="auto"`: a model (or the reference's check) moved in the all-others first pass, which
+    was then restarted incrementally (the inputs do not share one basis)."""
 
     @property
     def passes(self) -> int:
@@ -368,7 +394,7 @@ def merge_many(
     `models` are state dicts in the checkpoint layout the spec was built for: plain dicts, or lazy
     mappings that read a tensor from a file when asked (`lazy.FileStateDict`); each is read once
     per alignment (and once per rebuild of a 16-bit running sum, and once at the start of
-    `start="all-others"`), and never changed. Memory: one running sum over the spec's keys present
+    `start="all-others"` or "auto"), and never changed. Memory: one running sum over the spec's keys present
     in the reference, in `sum_dtype` (default `running_sum_dtype`: the inputs' 16-bit type when all
     are 16-bit, else float32), plus one model being aligned, whatever N. Every model must have
     those keys.
@@ -377,7 +403,9 @@ def merge_many(
     the others have converged. `start` is the first pass (`STARTS`): "incremental" aligns each
     model to the mean of those placed before it; "all-others" (the paper's) to the mean of all the
     others in their own bases, so models that already share a basis stop after one pass of N - 1
-    alignments. `low_memory` matches on float16 copies of the sum and of the model being aligned
+    alignments; "auto" (default) runs all-others until a model moves, then restarts that pass
+    incrementally (module docstring): shared-basis inputs take one pass of N alignments (N - 1
+    and a check of the reference), permuted ones recover what the incremental start does. `low_memory` matches on float16 copies of the sum and of the model being aligned
     (`LOW_MEMORY_DTYPE`; inputs already 16-bit stay as they are): half the memory for float32
     inputs; the objective and the output are still computed in float32 from the models.
     `max_iter`, `seed`, `threads`, `device`, `precision` go to `weight_matching`; the result is
@@ -434,7 +462,9 @@ def merge_many(
     units = sum(len(p) for p in perms[ref].values())
     rng = np.random.default_rng(seed)
     others = [i for i in range(n) if i != ref]
-    all_others = start == "all-others"
+    all_others = start in ("all-others", "auto")
+    trying = start == "auto"  # pass 1 of "auto", until a model moves
+    restarted = False
 
     total: dict[str, torch.Tensor] = {}  # the running sum S, updated in place from here on
 
@@ -512,6 +542,19 @@ def merge_many(
             admit(dtypes)
             return exact
 
+        def from_reference() -> None:
+            """S = c * M_ref: the incremental start's sum (also its restart in `start="auto"`)."""
+            squares = []
+            for key in keys:
+                value = models[ref][key]
+                admit([value.dtype])
+                squares.append(_dot(value, value))
+                total[key] = value.to(sum_dtype, copy=True)
+                if c != 1.0:
+                    total[key].mul_(c)
+                del value
+            norms[ref] = math.fsum(squares)
+
         if all_others:
             exact_sum_norm = initial_sum()
             if rounded:  # widened to float32 after some keys were rounded: exact once more
@@ -519,18 +562,31 @@ def merge_many(
                 rounded = False
             return_freed_memory()
         else:
-            for key in keys:
-                value = models[ref][key]
-                admit([value.dtype])
-                norms[ref] += _dot(value, value)
-                total[key] = value.to(sum_dtype, copy=True)
-                if c != 1.0:
-                    total[key].mul_(c)
-                del value
+            from_reference()
         copy_norms[ref] = norms[ref]
 
-        def align(i: int, pass_index: int, position: int, visits: int) -> tuple[int, float]:
-            """Align model i to the mean of the others; returns (permutations changed, distance)."""
+        converged = [True] * n
+
+        def place(i: int, moved: bool, done: bool) -> None:
+            """Book-keeping once model i is at `perms[i]` and counted in S (`moved`: its permutations
+            changed; `done`: its matching converged)."""
+            nonlocal exact_sum_norm
+            # Others' targets change when this model's contribution to S changes: it moved, or (the
+            # incremental start) it has just been added; a model of weight 0 contributes nothing.
+            if u[i] > 0 and (moved or i not in placed):
+                stale.update(placed - {ref, i})
+                exact_sum_norm = None
+            placed.add(i)
+            visited.add(i)
+            stale.discard(i)
+            if not done:  # stopped at max_iter: its answer may still move from here
+                stale.add(i)
+
+        def align(
+            i: int, pass_index: int, position: int, visits: int, probe: bool = False
+        ) -> tuple[int, float]:
+            """Align model i to the mean of the others; returns (permutations changed, distance).
+            `probe` (the reference's check in `start="auto"`): the answer is reported, not kept."""
             nonlocal exact_sum_norm
             t0 = time.perf_counter()
             first_visit = i not in visited
@@ -572,17 +628,13 @@ def merge_many(
             new = result.perms if first_visit else compose(perms[i], result.perms)
             changed = sum(not np.array_equal(new[name], perms[i][name]) for name in spec.spaces)
             moved_units = sum(int(np.count_nonzero(new[name] != perms[i][name])) for name in spec.spaces)
-            perms[i] = new
-            # Others' targets change when this model's contribution to S changes: it moved, or (the
-            # incremental start) it has just been added; a model of weight 0 contributes nothing.
-            if u[i] > 0 and (changed or i not in placed):
-                stale.update(placed - {ref, i})
-                exact_sum_norm = None
-            placed.add(i)
-            visited.add(i)
-            stale.discard(i)
-            if not result.converged:  # stopped at max_iter: its answer may still move from here
-                stale.add(i)
+            converged[i] = result.converged
+            # A probe keeps nothing: S holds the model as matched (itself if nothing changed, else
+            # the pass restarts and S is rebuilt).
+            if not probe:
+                perms[i] = new
+            if not probe:
+                place(i, changed > 0, result.converged)
             begin = result.history[0].objective if start_objective is None else start_objective
             gain = result.objective - begin
             distance = math.sqrt(max(0.0, mean_norm - 2 * result.objective + copy_norms[i]))
@@ -609,6 +661,35 @@ def merge_many(
             return changed, distance
 
         visited: set[int] = set()
+
+        def restart() -> None:
+            """`start="auto"`: back to the incremental start (every model in its own basis, S the
+            reference alone); the alignments already reported stay in `steps`."""
+            nonlocal all_others, trying, restarted, exact_sum_norm, rounded
+            all_others, trying, restarted = False, False, True
+            for j in range(n):
+                perms[j] = identity_permutation(spec)
+                converged[j] = True
+            placed.clear()
+            placed.add(ref)
+            visited.clear()
+            stale.clear()
+            stale.update(others)
+            total.clear()
+            return_freed_memory()
+            from_reference()
+            exact_sum_norm, rounded = None, False
+
+        def reuse(i: int, found: Permutations, done: bool) -> None:
+            """Place model i at the permutations of its all-others alignment (the same target and
+            start as this last incremental alignment: see the module docstring), without aligning it."""
+            fp8_as = sum_dtype if compact else torch.float16
+            model = _load(spec, models[i], keys, found, fp8_as, narrow_to(), None, i)
+            update(model, c * u[i])
+            del model
+            perms[i] = found
+            place(i, not _is_identity(found), done)
+
         for pass_index in range(1, max_passes + 1):
             t_pass = time.perf_counter()
             order = [others[j] for j in rng.permutation(len(others))]
@@ -618,14 +699,41 @@ def merge_many(
             distances: list[float] = []
             models_changed = perms_changed = 0
             sweeps_before = sum(s.sweeps for s in steps)
-            planned = len(weighted) + len(zero)
+            check = trying and n > 2  # auto: the reference's check once no weighted model moved
+            planned = len(weighted) + len(zero) + check
             position = 0
-            for i in weighted:
+            queue, k = list(weighted), 0
+            kept: tuple[int, Permutations, bool] | None = None  # auto: (mover, its answer, converged)
+            moved_since_restart = False
+            while k < len(queue) or check:
+                if k == len(queue):  # every weighted model of an auto pass 1 unmoved: the reference's check
+                    check = False
+                    position += 1
+                    changed, distance = align(ref, pass_index, position, planned, probe=True)
+                    distances.append(distance)
+                    if changed:  # the reference is in another basis than the rest: incremental
+                        restart()
+                        position, planned = 0, len(queue) + len(zero)
+                        k = 0
+                    continue
+                i = queue[k]
+                k += 1
+                if kept is not None and i == kept[0] and not moved_since_restart:
+                    reuse(*kept)
+                    continue
                 position += 1
                 changed, distance = align(i, pass_index, position, planned)
                 distances.append(distance)
                 models_changed += changed > 0
                 perms_changed += changed
+                moved_since_restart = moved_since_restart or changed > 0
+                if trying and changed:  # the inputs do not share one basis: restart incrementally
+                    kept = (i, perms[i], converged[i])
+                    queue = [j for j in queue[: k - 1]] + queue[k:] + [i]
+                    restart()
+                    position, planned, k, moved_since_restart = 0, len(queue) + len(zero), 0, False
+                    check = False
+            trying = False
             if not any(u[i] > 0 for i in stale):
                 for i in zero:
                     position += 1
@@ -667,7 +775,7 @@ def merge_many(
                 break
     total.clear()
     return_freed_memory()
-    return ManyResult(perms, history, not stale, w, ref, sum_dtype, steps, start, low_memory)
+    return ManyResult(perms, history, not stale, w, ref, sum_dtype, steps, start, low_memory, restarted)
 
 
 def merged_tensors(
