@@ -1,7 +1,7 @@
 """MergeMany on N full-size models, from files to a merged file, against sd-mecha's plain `n_average`.
 
     python benchmarks/bench_many.py sd1-ldm --n 4 8 [--max-rss-gb 12] [--kinds ours,plain] [--no-quality]
-        [--inputs permuted|shared-basis] [--starts incremental,all-others] [--input-dtype fp16|fp32]
+        [--inputs permuted|shared-basis] [--starts incremental,all-others,auto] [--input-dtype fp16|fp32]
         [--low-memory]
 
 Inputs: one random base (fan-in-scaled, fp16 or --input-dtype fp32) over the config's keys; with
@@ -47,7 +47,7 @@ SMALL = "demo-small"
 
 INPUTS = ("permuted", "shared-basis")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-STARTS = ("incremental", "all-others")
+STARTS = ("incremental", "all-others", "auto")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -145,5 +145,5 @@ def test_start_and_low_memory_reach_the_prepass_and_events(tiny):  # noqa: F811 
     assert any(e == "many_pass" and d["stats"].last for e, d in heard)
     plain = t.merge(sd_mecha.n_average(*m.nodes))
     assert distance(out, t.ref, m.bound) < distance(plain, t.ref, m.bound)
-    with pytest.raises(Exception, match="start 'paper' is not one of incremental, all-others"):
+    with pytest.raises(Exception, match="start 'paper' is not one of auto, incremental, all-others"):
         t.merge(rebasin_many(*m.nodes, threads=2, start="paper"))

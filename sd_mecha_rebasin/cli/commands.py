@@ -358,15 +358,17 @@ def align(
 )
 @click.option(
     "--start",
-    type=click.Choice(["incremental", "all-others"]),
-    default="incremental",
+    type=click.Choice(["auto", "incremental", "all-others"]),
+    default="auto",
     show_default=True,
-    help="First pass. incremental: each model is aligned to the mean of the models placed before it "
-    "(the reference first); models that already share a basis (fine-tunes of one base) then take a "
-    "second, confirming pass (2N - 3 alignments). all-others (the paper's): each model is aligned to "
-    "the mean of all the others in their own bases; such models stop after one pass of N - 1 "
-    "alignments, but it loses badly on models in unrelated bases (every model permuted: the tiny "
-    "benchmark's merge ends 133x farther from the base than ideal; incremental recovers it).",
+    help="First pass. auto: all-others until a model moves, then that pass restarts as incremental; "
+    "models that share a basis (fine-tunes of one base) take one pass of N alignments (N - 1 and a "
+    "check of the reference), permuted ones recover what incremental does (a few alignments more). "
+    "incremental: each model is aligned to the mean of the models placed before it (the reference "
+    "first); shared-basis models take 2N - 3 alignments. all-others (the paper's): each model is "
+    "aligned to the mean of all the others in their own bases; shared-basis models take N - 1, but "
+    "it loses badly on models in unrelated bases (every model permuted: the tiny benchmark's merge "
+    "ends 133x farther from the base than ideal) and when only the reference is in another basis.",
 )
 @click.option(
     "--low-memory",

@@ -328,7 +328,7 @@ def merge_many_files(
     reference's keys (EMA weights, buffers and markers kept from it as `jobs.assemble` says) and
     lives in its basis. Memory: one float32 copy of the permuted weights plus one model, whatever
     N (see `many.merge_many`); `low_memory` matches on float16 copies (float32 inputs: half that).
-    `start`: the first pass, "incremental" or "all-others" (`many.STARTS`). Raises `UserError` for
+    `start`: the first pass, "auto", "incremental" or "all-others" (`many.STARTS`). Raises `UserError` for
     fewer than 2 files, bad weights, a `ref` that is not an input, an unknown `start`, mixed families (naming the odd file and both families), bad files, NaN/Inf,
     or an output that is an input or exists (without `overwrite`).
     """

@@ -184,7 +184,7 @@ class rebasin_many:
         threads: Parameter(int) = 0,
         device: Parameter(str) = "cpu",
         precision: Parameter(str) = "fp32",
-        start: Parameter(str) = "incremental",
+        start: Parameter(str) = "auto",
         low_memory: Parameter(bool) = False,
         **kwargs,
     ) -> Return(Tensor):
@@ -199,7 +199,7 @@ class rebasin_many:
         :param threads: threads for the pre-pass; 0 picks one per CPU.
         :param device: torch device for the pre-pass products.
         :param precision: "fp32" (exact products) or "bf16".
-        :param start: the first pass: "incremental" (each model aligned to the mean of those placed before it) or "all-others" (the paper's: to the mean of all the others in their own bases; models sharing a basis stop after N - 1 alignments).
+        :param start: the first pass: "auto" (default: all-others until a model moves, then incremental; models sharing a basis stop after one pass of N alignments, permuted ones recover as with incremental), "incremental" (each model aligned to the mean of those placed before it) or "all-others" (the paper's: to the mean of all the others in their own bases; models sharing a basis stop after N - 1 alignments, models in unrelated bases end in a worse optimum).
         :param low_memory: match on float16 copies of the running sum and of the model being aligned (the output is still summed in float32).
         """
         key = kwargs["key"]
