@@ -322,6 +322,7 @@ def test_start_all_others_on_shared_basis_files_is_one_pass_and_the_weighted_mea
         assert rc == 0, err
         report = json.loads(stdout)
         assert report["start"] == "all-others" and report["low_memory"] == bool(extra)
+        assert report["restarted"] is False
         assert len(report["passes"]) == 1 and report["equals_weighted_mean"] is True
         assert [a["name"] for a in report["alignments"]].count("s2.safetensors") == 1
         assert len(report["alignments"]) == N - 1

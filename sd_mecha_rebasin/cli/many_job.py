@@ -94,6 +94,8 @@ class ManyRunResult:
     output_bytes: int
     kept: dict[str, int]
     left_out: int
+    restarted: bool = False
+    """`--start auto`: a model moved in the all-others first pass, which restarted incrementally."""
 
     @property
     def equals_weighted_mean(self) -> bool:
@@ -115,6 +117,7 @@ class ManyRunResult:
             "running_sum_dtype": self.sum_dtype,
             "start": self.start,
             "low_memory": self.low_memory,
+            "restarted": self.restarted,
             "passes": [dataclasses.asdict(p) for p in self.passes],
             "alignments": [{"name": self.inputs[s.model], **dataclasses.asdict(s)} for s in self.steps],
             "equals_weighted_mean": self.equals_weighted_mean,
@@ -477,4 +480,5 @@ def merge_many_files(
         output_bytes=size,
         kept=kept,
         left_out=left_out,
+        restarted=result.restarted,
     )
