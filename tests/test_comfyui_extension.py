@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 
-EXTENSION = pathlib.Path(__file__).resolve().parents[1] / "comfyui" / "mecha_extensions" / "sd_mecha_rebasin.py"
+EXTENSION = (
+    pathlib.Path(__file__).resolve().parents[1] / "comfyui" / "mecha_extensions" / "sd_mecha_rebasin.py"
+)
 
 LOADER = r"""
 import importlib.util, json, pathlib, sys
