@@ -1,10 +1,17 @@
 """MergeMany on N full-size models, from files to a merged file, against sd-mecha's plain `n_average`.
 
     python benchmarks/bench_many.py sd1-ldm --n 4 8 [--max-rss-gb 12] [--kinds ours,plain] [--no-quality]
+        [--inputs permuted|shared-basis] [--starts incremental,all-others] [--input-dtype fp16|fp32]
+        [--low-memory]
 
-Inputs: one random base (fan-in-scaled, fp16) over the config's keys; model i is a different random
-legal permutation of the base plus its own 1% noise (every model permuted, the first included).
-They are built once and cached under .bench_cache/ (gitignored); N = 4 uses the first 4 of N = 8.
+Inputs: one random base (fan-in-scaled, fp16 or --input-dtype fp32) over the config's keys; with
+`--inputs permuted` (default) model i is a different random legal permutation of the base plus its
+own 1% noise (every model permuted, the first included); with `shared-basis` it is the base plus
+its own 1% noise, no permutation (what fine-tunes of one base are). They are built once and cached
+under .bench_cache/ (gitignored), one set per kind and dtype; N = 4 uses the first 4 of N = 8.
+`demo-small` is the demo's small SD1 layout (files marked so merge-many takes its shapes): seconds
+per run, for smoke tests. `--starts` runs ours once per MergeMany first pass and prints them side by
+side (alignments, passes, final objective, time, peak RSS); `--low-memory` runs ours with it.
 Each merge runs in its own process, which reports its wall time per phase and its peak RSS
 (VmHWM); the parent kills a child whose RSS passes --max-rss-gb, so a run can never take the
 machine down:
@@ -18,6 +25,7 @@ plus the mean of the N noises, i.e. every hidden permutation undone).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,56 +42,99 @@ HERE = pathlib.Path(__file__).resolve().parent
 CACHE = HERE.parent / ".bench_cache"
 NOISE = 0.01
 MAX_N = 8
+SMALL = "demo-small"
+"""The demo's small SD1 layout (sd1-ldm keys, widths / 10): a smoke-test size."""
+
+INPUTS = ("permuted", "shared-basis")
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+STARTS = ("incremental", "all-others")
 
 
-def base_path(config: str) -> pathlib.Path:
-    return CACHE / f"{config}-many-base.safetensors"
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Which cached input set: the config, permuted or shared-basis, fp16 or fp32."""
+
+    config: str
+    kind: str = "permuted"
+    dtype: str = "fp16"
+
+    @property
+    def tag(self) -> str:  # the original permuted fp16 names are kept (existing caches stay valid)
+        return ("" if self.kind == "permuted" else "-shared") + ("" if self.dtype == "fp16" else "-fp32")
+
+    @property
+    def real_config(self) -> str:
+        return "sd1-ldm" if self.config == SMALL else self.config
 
 
-def model_path(config: str, i: int) -> pathlib.Path:
-    return CACHE / f"{config}-many-{i + 1}-noise{NOISE}.safetensors"
+def base_path(inputs: Inputs) -> pathlib.Path:
+    return CACHE / f"{inputs.config}-many-base{'' if inputs.dtype == 'fp16' else '-fp32'}.safetensors"
 
 
-def hidden_perm(spec, i: int):
+def model_path(inputs: Inputs, i: int) -> pathlib.Path:
+    return CACHE / f"{inputs.config}-many{inputs.tag}-{i + 1}-noise{NOISE}.safetensors"
+
+
+def spec_of(inputs: Inputs):
+    from sd_mecha_rebasin import permutation_spec
+
+    if inputs.config == SMALL:
+        from sd_mecha_rebasin.architectures.small import SMALL_ARCH, small_shapes
+
+        return permutation_spec(inputs.real_config, arch=SMALL_ARCH, shapes=small_shapes())
+    return permutation_spec(inputs.config)
+
+
+def hidden_perm(spec, inputs: Inputs, i: int):
+    """Model i's hidden permutation (shared-basis: the identity)."""
     from sd_mecha_rebasin import random_permutation
+    from sd_mecha_rebasin.permutations.spec import identity_permutation
 
+    if inputs.kind == "shared-basis":
+        return identity_permutation(spec)
     return random_permutation(spec, seed=1000 + i)
 
 
-def build(config: str, n: int) -> None:
-    """The base and models 1..n (those not cached yet), fp16: every float key sd-mecha's config
-    requires plus the optional ones the permutation rules bind. Runs in a child process."""
+def build(inputs: Inputs, n: int) -> None:
+    """The base and models 1..n (those not cached yet), in the inputs' dtype: every float key
+    sd-mecha's config requires plus the optional ones the permutation rules bind (demo-small: its
+    text encoder and UNet keys). Runs in a child process."""
     import sd_mecha
     from bench_weight_matching import fine_tuned_permuted_copy, random_weights
     from safetensors.torch import load_file, save_file
 
-    from sd_mecha_rebasin import permutation_spec
     from sd_mecha_rebasin.architectures import config_shapes
+    from sd_mecha_rebasin.architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY, small_shapes
     from sd_mecha_rebasin.mecha.merge_method import bound_keys
 
     t0 = time.perf_counter()
     CACHE.mkdir(exist_ok=True)
-    spec = permutation_spec(config)
-    if base_path(config).exists():
-        base = load_file(base_path(config))
+    spec = spec_of(inputs)
+    metadata = {DEMO_LAYOUT_KEY: DEMO_LAYOUT} if inputs.config == SMALL else None
+    if base_path(inputs).exists():
+        base = load_file(base_path(inputs))
     else:
-        metadata = sd_mecha.extensions.model_configs.resolve(config).keys()
-        bound = bound_keys(config)
-        shapes = {
-            k: shape
-            for k, shape in config_shapes(config).items()
-            if metadata[k].dtype.is_floating_point and (not metadata[k].optional or k in bound)
-        }
-        base = random_weights(shapes, seed=0, dtype=torch.float16)
-        save_file(base, str(base_path(config)))
+        if inputs.config == SMALL:
+            shapes = small_shapes()
+        else:
+            keys = sd_mecha.extensions.model_configs.resolve(inputs.config).keys()
+            bound = bound_keys(inputs.config)
+            shapes = {
+                k: shape
+                for k, shape in config_shapes(inputs.config).items()
+                if keys[k].dtype.is_floating_point and (not keys[k].optional or k in bound)
+            }
+        base = random_weights(shapes, seed=0, dtype=DTYPES[inputs.dtype])
+        save_file(base, str(base_path(inputs)), metadata)
     for i in range(n):
-        if not model_path(config, i).exists():
-            model = fine_tuned_permuted_copy(spec, base, hidden_perm(spec, i), NOISE, seed=2000 + i)
-            tmp = model_path(config, i).with_suffix(".tmp")
-            save_file(model, str(tmp))
-            os.replace(tmp, model_path(config, i))
+        if not model_path(inputs, i).exists():
+            hidden = hidden_perm(spec, inputs, i)
+            model = fine_tuned_permuted_copy(spec, base, hidden, NOISE, seed=2000 + i)
+            tmp = model_path(inputs, i).with_suffix(".tmp")
+            save_file(model, str(tmp), metadata)
+            os.replace(tmp, model_path(inputs, i))
             del model
-            print(f"built {model_path(config, i).name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"built {model_path(inputs, i).name} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +146,7 @@ def _status_gb(field: str, pid: str = "self") -> float:
     return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1]) / 1024**2
 
 
-def run_ours(config: str, n: int, out: pathlib.Path, iters: int) -> dict:
+def run_ours(inputs: Inputs, n: int, out: pathlib.Path, iters: int, start: str, low_memory: bool) -> dict:
     from sd_mecha_rebasin.cli.jobs import RunOptions
     from sd_mecha_rebasin.cli.many_job import merge_many_files
     from sd_mecha_rebasin.search.many import PassStats
@@ -119,44 +170,66 @@ def run_ours(config: str, n: int, out: pathlib.Path, iters: int) -> dict:
 
     t0 = time.perf_counter()
     res = merge_many_files(
-        [model_path(config, i) for i in range(n)],
+        [model_path(inputs, i) for i in range(n)],
         out,
+        start=start,
+        low_memory=low_memory,
         options=RunOptions(iters=iters, overwrite=True, quiet=True, progress=False),
         on_progress=record,
     )
     seconds = time.perf_counter() - t0
     return {
         "kind": "ours",
+        "start": start,
+        "low_memory": low_memory,
         "seconds": seconds,
         "checks_seconds": seconds - res.align_seconds - res.output_seconds,
         "align_seconds": res.align_seconds,
         "output_seconds": res.output_seconds,
         "passes": passes,
+        "alignments": len(res.steps),
+        "objective": res.passes[-1].objective,
+        "equals_weighted_mean": res.equals_weighted_mean,
         "converged": res.converged,
         "peak_rss_gb": _status_gb("VmHWM:"),
     }
 
 
-def run_plain(config: str, n: int, out: pathlib.Path) -> dict:
+def run_plain(inputs: Inputs, n: int, out: pathlib.Path) -> dict:
     import sd_mecha
     from tqdm import tqdm
 
     def quiet(*args, **kwargs):
         return tqdm(*args, **kwargs, disable=True)
 
-    models = [sd_mecha.model(model_path(config, i), config=config) for i in range(n)]
+    models = [sd_mecha.model(model_path(inputs, i), config=inputs.real_config) for i in range(n)]
     t0 = time.perf_counter()
     sd_mecha.merge(sd_mecha.n_average(*models), output=out, tqdm=quiet)
     return {"kind": "plain", "seconds": time.perf_counter() - t0, "peak_rss_gb": _status_gb("VmHWM:")}
 
 
-def run_child(kind: str, config: str, n: int, iters: int, max_rss_gb: float) -> dict:
+def _label(kind: str, start: str) -> str:
+    return kind if kind != "ours" else f"ours/{start}"
+
+
+def run_child(
+    kind: str,
+    inputs: Inputs,
+    n: int,
+    iters: int,
+    max_rss_gb: float,
+    start: str = STARTS[0],
+    low_memory: bool = False,
+) -> dict:
     """Run one merge in a child process; kill it if its RSS passes `max_rss_gb`."""
-    out = CACHE / f"{config}-many-out-{kind}-{n}.safetensors"
-    cmd = [sys.executable, __file__, config, "--n", str(n), "--child", kind, "--iters", str(iters)]
+    out = CACHE / f"{inputs.config}-many-out-{kind}-{start}-{n}.safetensors"
+    cmd = [sys.executable, __file__, inputs.config, "--n", str(n), "--child", kind, "--iters", str(iters)]
+    cmd += ["--inputs", inputs.kind, "--input-dtype", inputs.dtype, "--starts", start, "--out", str(out)]
+    cmd += ["--low-memory"] if low_memory else []
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = threading.Event()
     stderr_lines: list[str] = []
+    label = _label(kind, start)
 
     def watch() -> None:
         while child.poll() is None:
@@ -173,7 +246,7 @@ def run_child(kind: str, config: str, n: int, iters: int, max_rss_gb: float) -> 
         for line in child.stderr:
             stderr_lines.append(line)
             if line.startswith("{"):
-                print(f"  {kind} N={n}: {line.strip()}", flush=True)
+                print(f"  {label} N={n}: {line.strip()}", flush=True)
 
     threads = [threading.Thread(target=watch, daemon=True), threading.Thread(target=relay, daemon=True)]
     for t in threads:
@@ -182,9 +255,11 @@ def run_child(kind: str, config: str, n: int, iters: int, max_rss_gb: float) -> 
     child.wait()
     threads[1].join()
     if killed.is_set():
-        raise RuntimeError(f"{kind} N={n} killed: RSS passed --max-rss-gb {max_rss_gb}")
+        raise RuntimeError(f"{label} N={n} killed: RSS passed --max-rss-gb {max_rss_gb}")
     if child.returncode != 0:
-        raise RuntimeError(f"{kind} N={n} failed (exit {child.returncode}):\n{''.join(stderr_lines)[-3000:]}")
+        raise RuntimeError(
+            f"{label} N={n} failed (exit {child.returncode}):\n{''.join(stderr_lines)[-3000:]}"
+        )
     if kind == "build":
         return {}
     report = json.loads(stdout.strip().splitlines()[-1])
@@ -196,24 +271,25 @@ def run_child(kind: str, config: str, n: int, iters: int, max_rss_gb: float) -> 
 # Quality
 
 
-def quality(config: str, n: int, outputs: dict[str, pathlib.Path]) -> dict[str, float]:
+def quality(inputs: Inputs, n: int, outputs: dict[str, pathlib.Path]) -> dict[str, float]:
     """`||output - pi_1(base)||` for each output, and the ideal `||mean_i noise_i||` (float64, one
     key at a time; each model's hidden permutation undone to find its noise)."""
-    from sd_mecha_rebasin import permutation_spec
-    from sd_mecha_rebasin.files.checkpoint import open_checkpoint
+    from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
     from sd_mecha_rebasin.files.lazy import FileStateDict
     from sd_mecha_rebasin.permutations.spec import invert, permute_tensor
 
     def lazy(path: pathlib.Path) -> FileStateDict:  # read with seeks, not mmap: RSS stays small
-        return FileStateDict(open_checkpoint(path))
+        ckpt = open_checkpoint(path)
+        detect_family(ckpt)
+        return FileStateDict(ckpt)
 
-    spec = permutation_spec(config)
-    hidden = [hidden_perm(spec, i) for i in range(n)]
+    spec = spec_of(inputs)
+    hidden = [hidden_perm(spec, inputs, i) for i in range(n)]
     undo = [invert(h) for h in hidden]
     totals = {name: 0.0 for name in outputs} | {"ideal": 0.0}
     handles = {name: lazy(p) for name, p in outputs.items()}
-    models = [lazy(model_path(config, i)) for i in range(n)]
-    base = lazy(base_path(config))
+    models = [lazy(model_path(inputs, i)) for i in range(n)]
+    base = lazy(base_path(inputs))
     for key in base:
         b = base[key].float()
         noise = sum(permute_tensor(spec, key, m[key], u).float() for m, u in zip(models, undo)) / n - b
@@ -225,16 +301,29 @@ def quality(config: str, n: int, outputs: dict[str, pathlib.Path]) -> dict[str, 
 
 
 def bench(
-    config: str, ns: list[int], kinds: list[str], iters: int, max_rss_gb: float, with_quality: bool
+    inputs: Inputs,
+    ns: list[int],
+    kinds: list[str],
+    starts: list[str],
+    iters: int,
+    max_rss_gb: float,
+    with_quality: bool,
+    low_memory: bool,
 ) -> None:
-    if not all(model_path(config, i).exists() for i in range(max(ns))) or not base_path(config).exists():
-        run_child("build", config, max(ns), iters, max_rss_gb)
+    if not all(model_path(inputs, i).exists() for i in range(max(ns))) or not base_path(inputs).exists():
+        run_child("build", inputs, max(ns), iters, max_rss_gb)
+    name = f"{inputs.config} {inputs.kind} {inputs.dtype}{' low-memory' if low_memory else ''}"
+    runs = [("ours", start) for start in starts] if "ours" in kinds else []
+    runs += [("plain", "")] if "plain" in kinds else []
     results = {}
     for n in ns:
-        for kind in kinds:
-            r = results[(kind, n)] = run_child(kind, config, n, iters, max_rss_gb)
+        for kind, start in runs:
+            label = _label(kind, start)
+            r = results[(label, n)] = run_child(
+                kind, inputs, n, iters, max_rss_gb, start or STARTS[0], low_memory
+            )
             line = (
-                f"{config} N={n} {kind:>5}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB"
+                f"{name} N={n} {label:>16}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB"
             )
             if kind == "ours":
                 passes = ", ".join(
@@ -245,60 +334,97 @@ def bench(
                 line += (
                     f"\n{'':>14}checks {r['checks_seconds']:.1f} s, alignment {r['align_seconds']:.1f} s "
                     f"[{passes}], output pass {r['output_seconds']:.1f} s; converged {r['converged']}"
+                    f"{'; the weighted mean of the inputs' if r['equals_weighted_mean'] else ''}"
                 )
             print(line, flush=True)
-        if ("ours", n) in results and ("plain", n) in results:
-            ours, plain = results[("ours", n)], results[("plain", n)]
+        ours = [
+            (label, results[(label, n)])
+            for label, _ in ((_label(k, s), s) for k, s in runs)
+            if label.startswith("ours")
+        ]
+        if ours:
+            print(f"{name} N={n} starts side by side:", flush=True)
             print(
-                f"{config} N={n} ours / plain: wall x{ours['seconds'] / plain['seconds']:.2f}, "
-                f"output pass x{ours['output_seconds'] / plain['seconds']:.2f}, "
-                f"peak RSS x{ours['peak_rss_gb'] / plain['peak_rss_gb']:.2f}",
+                f"  {'start':<16} {'alignments':>10} {'passes':>6} {'objective':>18} {'seconds':>9} {'peak GB':>8}",
                 flush=True,
             )
-        if with_quality:
-            outs = {kind: pathlib.Path(results[(kind, n)]["out"]) for kind in kinds if (kind, n) in results}
-            q = quality(config, n, outs)
-            print(
-                f"{config} N={n} ideal: ||merge - base|| = {q['ideal']:.2f} (base + mean noise)", flush=True
-            )
-            for kind in outs:
+            for _, r in ours:
                 print(
-                    f"{config} N={n} {kind:>5}: ||merge - base|| = {q[kind]:.2f} (x{q[kind] / q['ideal']:.3f} the ideal)",
+                    f"  {r['start']:<16} {r['alignments']:>10} {len(r['passes']):>6} {r['objective']:>18.10g} "
+                    f"{r['seconds']:>9.1f} {r['peak_rss_gb']:>8.2f}",
                     flush=True,
                 )
-        for kind in kinds:
-            if (kind, n) in results:
-                pathlib.Path(results[(kind, n)]["out"]).unlink(missing_ok=True)
-    if ("ours", 4) in results and ("ours", 8) in results:
-        a, b = results[("ours", 4)]["peak_rss_gb"], results[("ours", 8)]["peak_rss_gb"]
-        print(f"{config} ours peak RSS N=8 / N=4: x{b / a:.3f}", flush=True)
+            if len(ours) == 2:
+                a, b = ours[0][1], ours[1][1]
+                print(f"  {b['start']} / {a['start']}: time x{b['seconds'] / a['seconds']:.2f}", flush=True)
+        if ("plain", n) in results:
+            plain = results[("plain", n)]
+            for label, r in ours:
+                print(
+                    f"{name} N={n} {label} / plain: wall x{r['seconds'] / plain['seconds']:.2f}, "
+                    f"output pass x{r['output_seconds'] / plain['seconds']:.2f}, "
+                    f"peak RSS x{r['peak_rss_gb'] / plain['peak_rss_gb']:.2f}",
+                    flush=True,
+                )
+        outs = {
+            label: pathlib.Path(results[(label, n)]["out"]) for label, _ in results if (label, n) in results
+        }
+        if with_quality:
+            q = quality(inputs, n, outs)
+            print(f"{name} N={n} ideal: ||merge - base|| = {q['ideal']:.2f} (base + mean noise)", flush=True)
+            for label in outs:
+                print(
+                    f"{name} N={n} {label:>16}: ||merge - base|| = {q[label]:.2f} "
+                    f"(x{q[label] / q['ideal']:.3f} the ideal)",
+                    flush=True,
+                )
+        for path in outs.values():
+            path.unlink(missing_ok=True)
+    for label in sorted({label for label, _ in results if label.startswith("ours")}):
+        if (label, 4) in results and (label, 8) in results:
+            a, b = results[(label, 4)]["peak_rss_gb"], results[(label, 8)]["peak_rss_gb"]
+            print(f"{name} {label} peak RSS N=8 / N=4: x{b / a:.3f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", choices=["sd1-ldm", "sd2-ldm", "sdxl-sgm"])
+    parser.add_argument("config", choices=["sd1-ldm", "sd2-ldm", "sdxl-sgm", SMALL])
     parser.add_argument("--n", type=int, nargs="+", default=[4, 8], help=f"model counts (at most {MAX_N})")
     parser.add_argument("--kinds", default="ours,plain", help="comma-separated subset of ours,plain")
+    parser.add_argument(
+        "--inputs",
+        choices=INPUTS,
+        default="permuted",
+        help="permuted, or shared-basis (fine-tunes of one base)",
+    )
+    parser.add_argument("--starts", default=STARTS[0], help=f"comma-separated subset of {','.join(STARTS)}")
+    parser.add_argument("--input-dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument("--low-memory", action="store_true", help="run ours with --low-memory")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--max-rss-gb", type=float, default=20.0, help="kill a child whose RSS passes this")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--child", choices=["build", "ours", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if any(not 2 <= n <= MAX_N for n in args.n):
         parser.error(f"--n: each count must lie in [2, {MAX_N}]")
+    starts = args.starts.split(",")
+    if not starts or any(s not in STARTS for s in starts):
+        parser.error(f"--starts: a comma-separated subset of {','.join(STARTS)}")
+    inputs = Inputs(args.config, args.inputs, args.input_dtype)
     if args.child == "build":
-        build(args.config, max(args.n))
+        build(inputs, max(args.n))
         return
     if args.child:
         (n,) = args.n
-        out = CACHE / f"{args.config}-many-out-{args.child}-{n}.safetensors"
         if args.child == "ours":
-            report = run_ours(args.config, n, out, args.iters)
+            report = run_ours(inputs, n, args.out, args.iters, starts[0], args.low_memory)
         else:
-            report = run_plain(args.config, n, out)
+            report = run_plain(inputs, n, args.out)
         print(json.dumps(report))
         return
-    bench(args.config, args.n, args.kinds.split(","), args.iters, args.max_rss_gb, not args.no_quality)
+    kinds = args.kinds.split(",")
+    bench(inputs, args.n, kinds, starts, args.iters, args.max_rss_gb, not args.no_quality, args.low_memory)
 
 
 if __name__ == "__main__":

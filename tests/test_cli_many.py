@@ -296,3 +296,52 @@ def test_fp8_inputs_and_iters_zero(inputs, tmp_path, capsys):
     rc, stdout, err = run_cli(capsys, "merge-many", *paths, "-o", tmp_path / "z.safetensors", "--iters", "0")
     assert rc == 0, err
     assert "MergeMany: 1 pass(es), stopped: --iters 0 aligns nothing" in stdout
+
+
+def test_start_all_others_on_shared_basis_files_is_one_pass_and_the_weighted_mean(inputs, tmp_path, capsys):
+    """Fine-tunes of one base (no permutation): --start all-others aligns N - 1 models once, reports
+    each one and says plainly that the merge is the weighted mean; --low-memory finds the same."""
+    paths, *_ = inputs
+    shared = [paths[0]]
+    first = load_file(paths[0])
+    for i in (1, 2):
+        gen = torch.Generator().manual_seed(190 + i)
+        sd = {
+            k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen)
+            if v.is_floating_point() and v.numel() > 1
+            else v
+            for k, v in first.items()
+        }
+        path = tmp_path / f"s{i + 1}.safetensors"
+        write_safetensors(path, sd, LAYOUT)
+        shared.append(path)
+    for extra in ([], ["--low-memory"]):
+        out = tmp_path / f"o{len(extra)}.safetensors"
+        args = ["merge-many", *shared, "-o", out, "--start", "all-others", "--threads", "2", *extra]
+        rc, stdout, err = run_cli(capsys, *args, "--json")
+        assert rc == 0, err
+        report = json.loads(stdout)
+        assert report["start"] == "all-others" and report["low_memory"] == bool(extra)
+        assert len(report["passes"]) == 1 and report["equals_weighted_mean"] is True
+        assert [a["name"] for a in report["alignments"]].count("s2.safetensors") == 1
+        assert len(report["alignments"]) == N - 1
+        assert all(
+            a["units_moved"] == 0 and a["distance"] <= a["distance_before"] * (1 + 1e-6)
+            for a in report["alignments"]
+        )
+        assert report["running_sum_dtype"] == ("float16" if extra else "float32")
+        merged = load_file(out)
+        for k in list(merged)[:20]:
+            if merged[k].is_floating_point():
+                want = sum(load_file(p)[k].float() for p in shared) / N
+                torch.testing.assert_close(merged[k].float(), want, rtol=1e-3, atol=1e-5)  # fp16 output
+    rc, stdout, err = run_cli(capsys, *args[:-1], "--overwrite")
+    assert rc == 0, err
+    assert "nothing moved: the merge equals the weighted mean of the inputs" in stdout
+    assert "1 pass(es), converged; 2 alignment(s) (all-others start)" in stdout
+
+
+def test_a_bad_start_is_a_usage_error(inputs, tmp_path, capsys):
+    paths, *_ = inputs
+    rc, _, err = run_cli(capsys, "merge-many", *paths, "-o", tmp_path / "x.safetensors", "--start", "paper")
+    assert rc == 2 and "paper" in err and "all-others" in err

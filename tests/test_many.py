@@ -421,3 +421,126 @@ def test_huge_weights_are_normalised_without_overflow():
     models = [random_state_dict(shapes, seed=i) for i in range(2)]
     result = merge_many(spec, models, weights=[1e308, 1e308], max_iter=0)
     assert result.weights == [0.5, 0.5]
+
+
+# --- the first pass (`start`), per-model reporting, weight 0, low memory ---
+
+
+def shared_basis(family: str = "sd1", n: int = N):
+    """Fine-tunes of one base: the base plus each model's own 1% noise, no permutation."""
+    spec, shapes = tiny_spec(family)
+    base = random_state_dict(shapes, seed=11)
+    return spec, [add_noise(base, NOISE, seed=100 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("start", ["incremental", "all-others"])
+def test_shared_basis_inputs_stop_after_one_pass_with_all_others(start):
+    """all-others: one pass of N - 1 alignments (every first target is already the mean of all the
+    others); incremental: 2N - 3 (the first models' targets were partial means). Both move nothing,
+    and the output is the weighted mean of the inputs, bit for bit."""
+    spec, models = shared_basis()
+    weights = [0.4, 0.1, 0.2, 0.3]
+    steps = []
+    result = merge_many(spec, models, weights=weights, threads=2, start=start, on_progress=steps.append)
+    assert result.converged and result.start == start and result.equals_weighted_mean
+    want = (1, N - 1) if start == "all-others" else (2, 2 * N - 3)
+    assert (result.passes, result.alignments) == want
+    assert [s.unmoved for s in result.history] == [True] * result.passes
+    assert [s.last for s in result.history] == [False] * (result.passes - 1) + [True]
+    assert all(s.changed == 0 and s.units_moved == 0 for s in result.steps)
+    keys = [k for k in spec.axes if k in models[0]]
+    got = dict(merged_tensors(spec, models, result.perms, weights=weights, keys=keys, threads=2))
+    for k in keys:
+        want_k = models[0][k].to(torch.float32, copy=True).mul_(weights[0])
+        for m, wi in zip(models[1:], weights[1:]):
+            want_k.add_(m[k], alpha=wi)
+        assert torch.equal(got[k], want_k), k
+
+
+def test_all_others_recovers_the_hidden_permutations_of_two_models_and_of_one_odd_model():
+    """N = 2: the mean of the others is the reference, so both starts are the pair merge. Among
+    fine-tunes of one base, a model in another basis is brought back (the mean of the others is
+    then that base, not a blur)."""
+    c = Case("sd1", n=2)
+    two = merge_many(c.spec, c.models, threads=2, start="all-others")
+    assert same_perms(two.perms[1], c.expected(1)) and two.alignments == 1
+    spec, models = shared_basis()
+    odd = random_permutation(spec, seed=77)
+    models[2] = apply_permutation(spec, odd, models[2])
+    result = merge_many(spec, models, threads=2, start="all-others")
+    assert result.converged
+    assert same_perms(result.perms[2], invert(odd))
+    assert all(np.array_equal(p, np.arange(len(p))) for i in (0, 1, 3) for p in result.perms[i].values())
+
+
+def test_all_others_on_models_in_unrelated_bases_ends_below_the_incremental_start(case):
+    """What --help says: when every model is in its own basis, the paper's first targets are
+    blurs of unaligned models, and on the tiny recovery cases it ends in a worse optimum."""
+    result = merge_many(case.spec, case.models, threads=2, start="all-others")
+    assert result.history[-1].objective < case.result.history[-1].objective
+    first = result.history[0].objective
+    assert result.history[-1].objective >= first - 1e-7 * abs(first)  # (a float32 sum updated in place)
+
+
+def test_each_models_result_is_reported_as_it_is_known_and_sent_to_listeners():
+    from sd_mecha_rebasin.common import events
+    from sd_mecha_rebasin.search.many import emit_progress
+
+    c = Case("sd1", n=3)
+    heard = []
+    with events.listening(lambda event, data: heard.append((event, data))):
+        result = merge_many(c.spec, c.models, threads=2, on_progress=emit_progress)
+    names = [e for e, _ in heard]
+    assert names[:2] == ["many_model", "many_model"] and "many_pass" in names
+    steps = [d["step"] for e, d in heard if e == "many_model"]
+    assert steps == result.steps
+    first = steps[0]  # a first visit from the model's own basis: every hidden unit moves
+    expected_units = sum(
+        int(np.count_nonzero(p != np.arange(len(p)))) for p in c.expected(first.model).values()
+    )
+    assert first.units_moved == expected_units > 0 and first.units == sum(
+        len(p) for p in result.perms[0].values()
+    )
+    assert first.changed == sum(
+        not np.array_equal(p, np.arange(len(p))) for p in c.expected(first.model).values()
+    )
+    assert first.distance < 0.2 * first.distance_before
+    for s in steps[1:]:
+        assert s.distance <= s.distance_before * (1 + 1e-9)
+    passes = [d["stats"] for e, d in heard if e == "many_pass"]
+    assert passes == result.history and not passes[-1].unmoved and passes[-1].last
+
+
+@pytest.mark.parametrize("start", ["incremental", "all-others"])
+def test_a_model_of_weight_zero_is_aligned_once_after_the_others(start):
+    c = Case("sd1")
+    weights = [1.0, 1.0, 0.0, 1.0]
+    result = merge_many(c.spec, c.models, weights=weights, threads=2, start=start)
+    visits = [s.model for s in result.steps]
+    assert visits.count(2) == 1 and visits[-1] == 2 and result.steps[-1].zero_weight
+    if start == "incremental":  # (all-others: see the test above on unrelated bases)
+        assert all(same_perms(result.perms[i], c.expected(i)) for i in range(N))
+        without = merge_many(c.spec, [c.models[i] for i in (0, 1, 3)], threads=2, start=start)
+        assert result.history[-1].objective == pytest.approx(without.history[-1].objective, rel=1e-6)
+
+
+def test_low_memory_finds_the_float32_permutations(case):
+    """Float32 inputs: a float16 sum and float16 copies of the model aligned (the recovery cases)."""
+    result = merge_many(case.spec, case.models, threads=2, low_memory=True)
+    assert result.sum_dtype == torch.float16 and result.low_memory
+    assert all(same_perms(p, q) for p, q in zip(result.perms, case.result.perms))
+    assert result.history[-1].objective == pytest.approx(case.result.history[-1].objective, rel=1e-6)
+
+
+def test_low_memory_refuses_a_value_beyond_float16():
+    from sd_mecha_rebasin.search.many import OutOfRange
+
+    c = Case("sd1", n=2)
+    models = [dict(m) for m in c.models]
+    key = c.keys[3]
+    models[1][key] = models[1][key].clone()
+    models[1][key].view(-1)[0] = 1e6
+    with pytest.raises(OutOfRange, match=f"model 2: {key} holds values beyond float16's range"):
+        merge_many(c.spec, models, threads=2, low_memory=True)
+    with pytest.raises(ValueError, match="start must be one of incremental, all-others"):
+        merge_many(c.spec, models, start="paper")

@@ -129,3 +129,21 @@ def test_bad_parameters_raise_clear_errors(tiny, kwargs, message):  # noqa: F811
     with pytest.raises(ValueError) as info:
         t.merge(rebasin_many(*m.nodes, **kwargs))
     assert "git_rebasin_many" in str(info.value) and message in str(info.value)
+
+
+def test_start_and_low_memory_reach_the_prepass_and_events(tiny):  # noqa: F811  (the imported fixture)
+    """The sd-mecha route takes `start` and `low_memory`, and sends each model's result to listeners."""
+    from sd_mecha_rebasin.common import events
+
+    t = tiny("sd1")
+    m = Many(t)
+    heard = []
+    with events.listening(lambda event, data: heard.append((event, data))):
+        out = t.merge(rebasin_many(*m.nodes, threads=2, start="all-others", low_memory=True, seed=4))
+    steps = [d["step"] for e, d in heard if e == "many_model"]
+    assert len(steps) >= N - 1 and {s.model for s in steps} == {1, 2}
+    assert any(e == "many_pass" and d["stats"].last for e, d in heard)
+    plain = t.merge(sd_mecha.n_average(*m.nodes))
+    assert distance(out, t.ref, m.bound) < distance(plain, t.ref, m.bound)
+    with pytest.raises(Exception, match="start 'paper' is not one of incremental, all-others"):
+        t.merge(rebasin_many(*m.nodes, threads=2, start="paper"))

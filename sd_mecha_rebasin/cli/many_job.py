@@ -16,7 +16,7 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,10 +39,14 @@ from ..files.output import PACKAGE, anonymize_recipe, input_records, metadata_fi
 from ..files.variants import VARIANTS, input_channels
 from ..search.many import (
     DEFAULT_MAX_PASSES,
+    DEFAULT_START,
+    STARTS,
     ModelStep,
+    OutOfRange,
     PassStats,
     SumRebuild,
     check_weights,
+    emit_progress,
     merge_many,
     merged_tensors,
 )
@@ -80,12 +84,21 @@ class ManyRunResult:
     permutations: int
     permutations_changed: list[int]
     """Per input, its permutations that are not the identity (the reference's: 0)."""
+    steps: list[ModelStep]
+    """Every alignment, in the order run."""
+    start: str
+    low_memory: bool
     align_seconds: float
     output_seconds: float
     seconds: float
     output_bytes: int
     kept: dict[str, int]
     left_out: int
+
+    @property
+    def equals_weighted_mean(self) -> bool:
+        """No model of weight > 0 was permuted: the output is the weighted mean of the inputs as they are."""
+        return not any(n for n, w in zip(self.permutations_changed, self.weights) if w > 0)
 
     def summary(self) -> dict[str, Any]:
         from .jobs import peak_rss_bytes
@@ -100,7 +113,11 @@ class ManyRunResult:
             "ref": self.inputs[self.ref],
             "converged": self.converged,
             "running_sum_dtype": self.sum_dtype,
+            "start": self.start,
+            "low_memory": self.low_memory,
             "passes": [dataclasses.asdict(p) for p in self.passes],
+            "alignments": [{"name": self.inputs[s.model], **dataclasses.asdict(s)} for s in self.steps],
+            "equals_weighted_mean": self.equals_weighted_mean,
             "permutations": self.permutations,
             "permutations_changed": self.permutations_changed,
             "align_seconds": round(self.align_seconds, 3),
@@ -236,7 +253,13 @@ def _metadata(
 
 
 def recipe_text(
-    ckpts: Sequence[Checkpoint], weights: Sequence[float], ref: int, max_passes: int, opts: RunOptions
+    ckpts: Sequence[Checkpoint],
+    weights: Sequence[float],
+    ref: int,
+    max_passes: int,
+    opts: RunOptions,
+    start: str = DEFAULT_START,
+    low_memory: bool = False,
 ) -> str:
     """The merge as an sd-mecha recipe (`git_rebasin_many` over the inputs), model paths as file names."""
     import sd_mecha
@@ -254,9 +277,37 @@ def recipe_text(
         threads=opts.threads,
         device=opts.device,
         precision=opts.precision,
+        start=start,
+        low_memory=low_memory,
     )
     text = sd_mecha.serialize(node, finalize=False)
     return anonymize_recipe(text, {str(c.path.resolve()): c.name for c in ckpts})
+
+
+def _forward(
+    on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None,
+) -> Callable[[ModelStep | SumRebuild | PassStats], None]:
+    """Progress items to `events` listeners (as the merge method sends them), then to `on_progress`."""
+
+    def forward(item: ModelStep | SumRebuild | PassStats) -> None:
+        emit_progress(item)
+        if on_progress is not None:
+            on_progress(item)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _out_of_range(ckpts: Sequence[Checkpoint]) -> Iterator[None]:
+    """`--low-memory` meeting a value float16 cannot hold: a one-line error naming the file."""
+    try:
+        yield
+    except OutOfRange as e:
+        raise UserError(
+            f"{e.key} holds values beyond {str(e.dtype).removeprefix('torch.')}'s range: "
+            "--low-memory cannot round it; run without --low-memory",
+            ckpts[e.model].path,
+        ) from None
 
 
 def merge_many_files(
@@ -266,6 +317,8 @@ def merge_many_files(
     weights: Sequence[float] | None = None,
     ref: int | str | os.PathLike = 0,
     max_passes: int = DEFAULT_MAX_PASSES,
+    start: str = DEFAULT_START,
+    low_memory: bool = False,
     options: RunOptions | None = None,
     on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None = None,
 ) -> ManyRunResult:
@@ -274,8 +327,9 @@ def merge_many_files(
     `ref` is an index into `paths` or one of the paths (default: the first). The output has the
     reference's keys (EMA weights, buffers and markers kept from it as `jobs.assemble` says) and
     lives in its basis. Memory: one float32 copy of the permuted weights plus one model, whatever
-    N (see `many.merge_many`). Raises `UserError` for fewer than 2 files, bad weights, a `ref` that
-    is not an input, mixed families (naming the odd file and both families), bad files, NaN/Inf,
+    N (see `many.merge_many`); `low_memory` matches on float16 copies (float32 inputs: half that).
+    `start`: the first pass, "incremental" or "all-others" (`many.STARTS`). Raises `UserError` for
+    fewer than 2 files, bad weights, a `ref` that is not an input, an unknown `start`, mixed families (naming the odd file and both families), bad files, NaN/Inf,
     or an output that is an input or exists (without `overwrite`).
     """
     opts = options or RunOptions()
@@ -291,6 +345,8 @@ def merge_many_files(
             raise UserError("--ref is not one of the input models", ref_path, exit_code=2)
         ref = matches[0]
     w = _check_weights(weights, len(paths), ref)
+    if start not in STARTS:
+        raise UserError(f"--start {start!r}: choose one of {', '.join(STARTS)}", exit_code=2)
     opts = dataclasses.replace(opts, device=check_device(opts.device))
     dtype = DTYPES[opts.output_dtype]
     ckpts, opts = load_many(paths, ref, opts)
@@ -303,7 +359,7 @@ def merge_many_files(
     stop_hashing = threading.Event()
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-rebasin-hash")
     progress = ManyProgress(
-        [c.name for c in ckpts], enabled=opts.progress and not opts.quiet, forward=on_progress
+        [c.name for c in ckpts], enabled=opts.progress and not opts.quiet, forward=_forward(on_progress)
     )
     try:
         hashes = hasher.submit(_hash_inputs, paths, stop_hashing) if opts.metadata else None
@@ -311,7 +367,7 @@ def merge_many_files(
             target, recipe_target = open_targets(
                 stack, output, opts, expected_output_bytes("merge", ckpts[ref], ckpts[ref], dtype)
             )
-            mecha = recipe_text(ckpts, w, ref, max_passes, opts)
+            mecha = recipe_text(ckpts, w, ref, max_passes, opts, start, low_memory)
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
             for ckpt in ckpts:
@@ -319,7 +375,7 @@ def merge_many_files(
             spec = _perm_spec(config, opts)
             models = [FileStateDict(c) for c in ckpts]
             t_align = time.perf_counter()
-            with capture_logging(opts.quiet):
+            with capture_logging(opts.quiet), _out_of_range(ckpts):
                 result = merge_many(
                     spec,
                     models,
@@ -331,6 +387,8 @@ def merge_many_files(
                     threads=opts.threads or None,
                     device=opts.device,
                     precision=opts.precision,
+                    start=start,
+                    low_memory=low_memory,
                     on_progress=progress,
                 )
             align_seconds = time.perf_counter() - t_align
@@ -375,6 +433,7 @@ def merge_many_files(
                     {
                         "passes": result.passes,
                         "converged": result.converged,
+                        "start": start,
                         "iters": opts.iters,
                         "seed": opts.seed,
                         "output_dtype": opts.output_dtype,
@@ -409,6 +468,9 @@ def merge_many_files(
         sum_dtype=str(result.sum_dtype).removeprefix("torch."),
         permutations=len(spec.spaces),
         permutations_changed=changed,
+        steps=result.steps,
+        start=start,
+        low_memory=low_memory,
         align_seconds=align_seconds,
         output_seconds=output_seconds,
         seconds=time.perf_counter() - t0,

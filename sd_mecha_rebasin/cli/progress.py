@@ -284,23 +284,9 @@ class ManyProgress:
             if item.position == 1:
                 self.pass_seconds = 0.0
             self.pass_seconds += item.seconds
-            left = item.visits - item.position
-            eta = f"; pass ETA {_duration(self.pass_seconds / item.position * left)}" if left else ""
-            self._line(
-                f"pass {item.pass_index}, model {item.model + 1} of {len(self.names)} ({self.names[item.model]}; "
-                f"{item.position} of {item.visits} to align in this pass): "
-                f"gain {item.gain:+.6g}, {item.changed} permutation(s) changed, {item.sweeps} sweep(s), "
-                f"distance to the others {item.distance:.6g}, {item.seconds:.1f} s{eta}"
-            )
+            self._line(many_step_line(item, self.names, self.pass_seconds))
         elif hasattr(item, "objective"):  # a PassStats
-            rebuilt = (
-                f" (running sum rebuilt in {item.rebuild_seconds:.1f} s)" if item.rebuild_seconds else ""
-            )
-            self._line(
-                f"pass {item.pass_index} done: {item.models_changed} of {item.aligned} model(s) moved, "
-                f"objective {item.objective:.8g}, mean distance {item.mean_distance:.6g}, "
-                f"{item.seconds:.1f} s{rebuilt}"
-            )
+            self._line(many_pass_line(item))
         else:  # a SumRebuild
             self._line(
                 f"pass {item.pass_index}: rebuilding the running sum from the {item.models} models "
@@ -321,6 +307,41 @@ class ManyProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def many_step_line(item: Any, names: list[str], pass_seconds: float | None = None) -> str:
+    """One model's result (`many.ModelStep`) in one line; `pass_seconds` (the pass so far) adds its ETA."""
+    left = item.visits - item.position
+    eta = (
+        f"; pass ETA {_duration(pass_seconds / item.position * left)}"
+        if left and pass_seconds is not None
+        else ""
+    )
+    if item.changed:
+        moved = f"{item.changed} permutation(s), {item.units_moved} of {item.units} units moved"
+    else:
+        moved = "nothing moved"
+    zero = " (weight 0: changes no target)" if item.zero_weight else ""
+    return (
+        f"pass {item.pass_index}, model {item.model + 1} of {len(names)} ({names[item.model]}{zero}; "
+        f"{item.position} of {item.visits} to align in this pass): {moved}; "
+        f"distance to the mean of the others {item.distance_before:.6g} -> {item.distance:.6g} "
+        f"(gain {item.gain:+.6g}); {item.sweeps} sweep(s), {item.seconds:.1f} s{eta}"
+    )
+
+
+def many_pass_line(item: Any) -> str:
+    """One pass (`many.PassStats`) in one line; says plainly when the merge is the inputs' weighted mean."""
+    rebuilt = f" (running sum rebuilt in {item.rebuild_seconds:.1f} s)" if item.rebuild_seconds else ""
+    line = (
+        f"pass {item.pass_index} done: {item.models_changed} of {item.aligned} model(s) moved, "
+        f"objective {item.objective:.8g}, mean distance {item.mean_distance:.6g}, {item.seconds:.1f} s{rebuilt}"
+    )
+    if item.unmoved and item.last:
+        line += "; nothing moved: the merge equals the weighted mean of the inputs"
+    elif item.unmoved:
+        line += "; nothing moved yet (every model in its own basis); the next pass checks the models against the others"
+    return line
 
 
 def _duration(seconds: float) -> str:

@@ -27,6 +27,14 @@ The pre-pass (merge_method.align), around weight matching:
 - "prepass_end": {"result": MatchResult, "seconds": float}
 
 Then sd-mecha streams the output keys (its own key bar, see `progress.Progress.tqdm_factory`).
+
+MergeMany (`many.emit_progress`; sent by the `git_rebasin_many` pre-pass and by `merge-many`):
+- "many_model": {"step": ModelStep}: one model aligned to the mean of the others, as soon as its
+  result is known (pass, model, permutations and units moved, distance to the mean of the others
+  before and after, sweeps, seconds).
+- "many_rebuild": {"rebuild": SumRebuild}: a 16-bit running sum is about to be rebuilt.
+- "many_pass": {"stats": PassStats}: a pass is done; `stats.unmoved and stats.last`: nothing moved
+  at all, so the merge is the weighted mean of the inputs.
 """
 
 from __future__ import annotations

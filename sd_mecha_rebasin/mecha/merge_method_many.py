@@ -9,7 +9,8 @@ reference's basis, `sum_i w_i pi_i(M_i)[key]`. With `member=i` it is model i alo
 The permutations depend on the whole models, so the first call runs one pre-pass
 (`many.merge_many`, the same loop as `sd-rebasin merge-many`) while the other worker threads
 wait; it reads the bound keys through sd-mecha's state-dict views without their per-key limit (as
-`git_rebasin` does, see `merge_method.py`), one model at a time, so its memory does not grow with N.
+`git_rebasin` does, see `merge_method.py`), one model at a time, so its memory does not grow with N;
+each model's result goes to `events` listeners ("many_model", "many_pass") as soon as it is known.
 The permutations (not the tensors) are memoised in this process per inputs (recipe text, and each
 file's size and mtime) and settings: the N `member=i` nodes of one recipe share one pre-pass. Keys the rules do not bind (VAE, buffers) are
 averaged (`member=-1`) or taken from model i; integer tensors come from the reference.
@@ -28,7 +29,7 @@ from torch import Tensor
 from ..architectures import permutation_spec
 from ..common.memory import return_freed_memory
 from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
-from ..search.many import check_weights, merge_many
+from ..search.many import STARTS, check_weights, emit_progress, merge_many
 from .merge_method import _arch_lock, _arch_overrides, _compact, _read, _unlimited, bound_keys, ema_targets
 
 IDENTIFIER = "git_rebasin_many"
@@ -132,7 +133,7 @@ def _shapes(
 def _prepass(
     models: Sequence[StateDict[Tensor]], config: str, settings: tuple, arch: Any
 ) -> tuple[PermutationSpec, list[Permutations]]:
-    weights, ref, max_passes, iters, seed, threads, device, precision = settings
+    weights, ref, max_passes, iters, seed, threads, device, precision, start, low_memory = settings
     views = [_unlimited(m) for m in models]
     keys = [key for key in models[ref].model_config.keys() if key in bound_keys(config)]
     shapes = _shapes(views, ref, keys)
@@ -154,6 +155,9 @@ def _prepass(
         threads=threads or None,
         device=device,
         precision=precision,
+        start=start,
+        low_memory=low_memory,
+        on_progress=emit_progress,  # each model's result to `events` listeners as it is known
     )
     return_freed_memory()
     return spec, result.perms
@@ -180,6 +184,8 @@ class rebasin_many:
         threads: Parameter(int) = 0,
         device: Parameter(str) = "cpu",
         precision: Parameter(str) = "fp32",
+        start: Parameter(str) = "incremental",
+        low_memory: Parameter(bool) = False,
         **kwargs,
     ) -> Return(Tensor):
         """
@@ -193,6 +199,8 @@ class rebasin_many:
         :param threads: threads for the pre-pass; 0 picks one per CPU.
         :param device: torch device for the pre-pass products.
         :param precision: "fp32" (exact products) or "bf16".
+        :param start: the first pass: "incremental" (each model aligned to the mean of those placed before it) or "all-others" (the paper's: to the mean of all the others in their own bases; models sharing a basis stop after N - 1 alignments).
+        :param low_memory: match on float16 copies of the running sum and of the model being aligned (the output is still summed in float32).
         """
         key = kwargs["key"]
         n = len(models)
@@ -201,11 +209,13 @@ class rebasin_many:
             raise ValueError(
                 f"git_rebasin_many: member {member} is out of range for {n} models (-1: the mean)"
             )
+        if start not in STARTS:
+            raise ValueError(f"git_rebasin_many: start {start!r} is not one of {', '.join(STARTS)}")
         config = models[ref].model_config.identifier
         bound = ema_targets(config).get(key, key)
         sources = range(n) if member < 0 else [member]
         if bound in bound_keys(config):
-            settings = (tuple(w), ref, max_passes, iters, seed, threads, device, precision)
+            settings = (tuple(w), ref, max_passes, iters, seed, threads, device, precision, start, low_memory)
             spec, perms = self._align_once(models, config, settings)
             values = [(i, permute_tensor(spec, bound, models[i][key], perms[i])) for i in sources]
         else:

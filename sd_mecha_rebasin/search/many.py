@@ -25,13 +25,28 @@ What this implementation adds to the paper's loop, and why:
   which a model moved, and the pass's objective is computed from that exact float32 sum. Rounding
   a mean of 16-bit models to 16 bits stays within their own quantization; the output
   (`merged_tensors`) is always summed in float32 from the inputs.
-- **First pass.** The paper starts every model in its own basis, so the first models are matched
-  to a mean of unrelated bases. Here the first pass is incremental: the sum starts as the
-  reference, and each model visited is aligned to the mean of the models already placed. For
-  N = 2 this is exactly the pair merge (model 1 aligned to the reference).
+- **First pass** (`start`). The paper starts every model in its own basis, so each model's first
+  target is the mean of all the others, in their own bases ("all-others"). The sum then starts as
+  the sum of all N models (one read of each); models that already share a basis (fine-tunes of one
+  base) move nothing, so one pass of N - 1 alignments ends the loop and the output is the weighted
+  mean of the inputs. The "incremental" start begins the sum with the reference alone and aligns
+  each model visited to the mean of the models already placed: a first target is never a blur of
+  unaligned models, and for N = 2 it is exactly the pair merge (model 1 aligned to the reference);
+  but every model placed changes the later ones' targets, so models that share a basis still need
+  a second pass of N - 2 confirming alignments (2N - 3 in all).
+- **Weight 0.** A model of weight 0 is aligned to the mean of the others but adds nothing to it, so
+  its moves make no other model stale; it is aligned once the weighted models need nothing more
+  (in the same pass), not in every pass.
+- **Low memory** (`low_memory`). Matching on float16 copies of the sum and of the model being
+  aligned (`LOW_MEMORY_DTYPE`) when an input is wider: float32 SDXL inputs then need 6.8 + 6.8 GB
+  instead of 13.5 + 13.5 GB. The rounding is that of the 16-bit sum above, applied to the model
+  too; products are still accumulated in float32, the pass objectives come from sums of the exact
+  values, and the output is summed in float32 from the inputs.
 - **Skipping.** A model is re-aligned only if another model moved since its last alignment
-  (otherwise its target and starting point are the same, so is the answer); a pass in which no
-  model is re-aligned or none moves ends the loop.
+  (otherwise its target and starting point are the same, so is the answer); the loop ends when no
+  model needs it, so a pass in which nothing moves is the last (with the all-others start this
+  holds from pass 1 on, as every target is then the mean of all the others). The reference is
+  never aligned: N - 1 alignments per full pass.
 
 `merged_tensors` is the output pass: the weighted mean of the aligned models, key by key, read from
 the inputs (the running sum is not used: it has been updated in place many times).
@@ -48,12 +63,26 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..common import events
 from ..common.memory import return_freed_memory
 from ..permutations.spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
 from .matching import _accurate_sum, default_threads, weight_matching
 
 DEFAULT_MAX_PASSES = 100
 """The paper's code stops at 100 passes at the latest."""
+
+STARTS = ("incremental", "all-others")
+"""First passes: "incremental" aligns each model to the mean of the models placed before it (the
+reference first); "all-others" (the paper's) to the mean of all the other models, every one in its
+own basis, so inputs that already share a basis stop after one pass of N - 1 alignments."""
+
+DEFAULT_START = "incremental"
+
+LOW_MEMORY_DTYPE = torch.float16
+"""What `low_memory` holds the running sum and the model being aligned in when an input is wider.
+float16, not bfloat16: 3 more mantissa bits (a rounding 8x finer, so near-ties between units are
+decided as in float32 far more often), and its range holds every Stable Diffusion weight (fp16 is
+how these checkpoints are published); a value beyond it is refused, never clipped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +105,14 @@ class ModelStep:
     """Permutations of this model that changed."""
     sweeps: int
     seconds: float
+    units_moved: int = 0
+    """Units (channels, head rows) that this alignment sent elsewhere, over all permutations."""
+    units: int = 0
+    """Units over all permutations (the sum of their sizes)."""
+    distance_before: float = 0.0
+    """`||mean of the others - pi_i(M_i)||` before the alignment (`distance` after it)."""
+    zero_weight: bool = False
+    """The model has weight 0: it is aligned (once the others have converged) but changes no target."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +145,11 @@ class PassStats:
     seconds: float
     rebuild_seconds: float = 0.0
     """Part of `seconds` spent rebuilding a 16-bit running sum from the models (0: not rebuilt)."""
+    unmoved: bool = False
+    """After this pass every model is still in its own basis (every permutation the identity): the
+    merge so far is the weighted mean of the inputs as they are."""
+    last: bool = False
+    """No pass follows (converged, `max_passes` reached, or `max_iter=0`)."""
 
 
 @dataclasses.dataclass
@@ -122,10 +164,52 @@ class ManyResult:
     ref: int
     sum_dtype: torch.dtype = torch.float32
     """The dtype the running sum was held in (`running_sum_dtype`)."""
+    steps: list[ModelStep] = dataclasses.field(default_factory=list)
+    """Every alignment, in the order run."""
+    start: str = DEFAULT_START
+    low_memory: bool = False
 
     @property
     def passes(self) -> int:
         return len(self.history)
+
+    @property
+    def alignments(self) -> int:
+        return len(self.steps)
+
+    @property
+    def equals_weighted_mean(self) -> bool:
+        """Every permutation is the identity: the merge is the weighted mean of the inputs as they are."""
+        return all(_is_identity(p) for p in self.perms)
+
+
+class OutOfRange(ValueError):
+    """`low_memory`: a value of model `model` (0-based) at `key` is beyond the 16-bit type's range."""
+
+    def __init__(self, model: int, key: str, dtype: torch.dtype):
+        self.model, self.key, self.dtype = model, key, dtype
+        name = str(dtype).removeprefix("torch.")
+        super().__init__(
+            f"model {model + 1}: {key} holds values beyond {name}'s range (|x| > {torch.finfo(dtype).max:g}): "
+            "low_memory cannot round it; run without it"
+        )
+
+
+def _is_identity(perms: Permutations) -> bool:
+    return all(np.array_equal(p, np.arange(len(p))) for p in perms.values())
+
+
+EVENTS = {ModelStep: "many_model", SumRebuild: "many_rebuild", PassStats: "many_pass"}
+"""The `events` name of each progress item of `merge_many` (see `emit_progress`)."""
+
+
+def emit_progress(item: ModelStep | SumRebuild | PassStats) -> None:
+    """Send a `merge_many` progress item to `events` listeners: "many_model" {"step": ModelStep} as
+    each model's result is known, "many_rebuild" {"rebuild": SumRebuild}, "many_pass" {"stats":
+    PassStats}. A callback for `merge_many(on_progress=...)`."""
+    name = EVENTS[type(item)]
+    field = {"many_model": "step", "many_rebuild": "rebuild", "many_pass": "stats"}[name]
+    events.emit(name, **{field: item})
 
 
 def _normalised(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -171,20 +255,37 @@ def _load(
     keys: Iterable[str],
     perms: Permutations | None,
     fp8_as: torch.dtype = torch.float16,
+    narrow: torch.dtype | None = None,
+    exact_norm: list[float] | None = None,
+    index: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The model's `keys`, as tensors of our own, permuted by `perms` when given; fp8 tensors
-    converted (exactly) to `fp8_as`, as torch has no arithmetic that mixes fp8 with other types."""
+    converted (exactly) to `fp8_as`, as torch has no arithmetic that mixes fp8 with other types.
+
+    `narrow` (`low_memory`): tensors of another type are rounded to it (ValueError, naming model
+    `index` + 1 and the key: `OutOfRange`, for a value beyond its range). `exact_norm` receives each key's squared
+    norm before any rounding. Never a view of the caller's tensor: matching permutes the result in
+    place (a view of an in-memory model, or of a cache behind a lazy one, would change it).
+    """
     fresh = bool(getattr(model, "fresh_tensors", False))
     out = {}
     for key in keys:
         value = model[key]
+        own = fresh
         if _is_fp8(value.dtype):
-            value, fresh = value.to(fp8_as), True
+            value, own = value.to(fp8_as), True
+        if exact_norm is not None:
+            exact_norm.append(_dot(value, value))
+        if narrow is not None and value.dtype != narrow:
+            rounded = value.to(narrow)
+            if not bool(torch.isfinite(rounded).all()):
+                raise OutOfRange(index, key, narrow)
+            value, own = rounded, True
         if perms is not None:
             permuted = permute_tensor(spec, key, value, perms)
-            fresh = fresh or permuted is not value
+            own = own or permuted is not value  # `take_along` always returns a new tensor
             value = permuted
-        out[key] = value if fresh else value.clone()
+        out[key] = value if own else value.clone()
     return out
 
 
@@ -258,37 +359,51 @@ def merge_many(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     sum_dtype: torch.dtype | None = None,
+    start: str = DEFAULT_START,
+    low_memory: bool = False,
     on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None = None,
 ) -> ManyResult:
     """MergeMany: the permutations that bring N models into the reference's basis (Git Re-Basin, Alg. 3).
 
     `models` are state dicts in the checkpoint layout the spec was built for: plain dicts, or lazy
     mappings that read a tensor from a file when asked (`lazy.FileStateDict`); each is read once
-    per alignment (and once per rebuild of a 16-bit running sum), and never changed. Memory: one
-    running sum over the spec's keys present in the reference, in `sum_dtype` (default
-    `running_sum_dtype`: the inputs' 16-bit type when all are 16-bit, else float32), plus one model
-    being aligned, whatever N. Every model must have those keys.
+    per alignment (and once per rebuild of a 16-bit running sum, and once at the start of
+    `start="all-others"`), and never changed. Memory: one running sum over the spec's keys present
+    in the reference, in `sum_dtype` (default `running_sum_dtype`: the inputs' 16-bit type when all
+    are 16-bit, else float32), plus one model being aligned, whatever N. Every model must have
+    those keys.
     `weights` (default equal; normalised) weigh both the mean each model is aligned to and the
-    output (`merged_tensors`). `max_iter`, `seed`, `threads`, `device`, `precision` go to
-    `weight_matching`; the result is the same for any thread count. `on_progress` receives a
-    `ModelStep` after each alignment, a `SumRebuild` before a 16-bit sum is rebuilt, and a
-    `PassStats` after each pass.
+    output (`merged_tensors`); a model of weight 0 changes no target, so it is aligned once, after
+    the others have converged. `start` is the first pass (`STARTS`): "incremental" aligns each
+    model to the mean of those placed before it; "all-others" (the paper's) to the mean of all the
+    others in their own bases, so models that already share a basis stop after one pass of N - 1
+    alignments. `low_memory` matches on float16 copies of the sum and of the model being aligned
+    (`LOW_MEMORY_DTYPE`; inputs already 16-bit stay as they are): half the memory for float32
+    inputs; the objective and the output are still computed in float32 from the models.
+    `max_iter`, `seed`, `threads`, `device`, `precision` go to `weight_matching`; the result is
+    the same for any thread count. `on_progress` receives a `ModelStep` after each alignment, a
+    `SumRebuild` before a 16-bit sum is rebuilt, and a `PassStats` after each pass.
 
-    Raises ValueError for fewer than 2 models, bad weights (see `check_weights`), a bad `ref`, a
-    `sum_dtype` that is not float32/float16/bfloat16, or a model that lacks one of the
-    reference's permuted keys.
+    Raises ValueError for fewer than 2 models, bad weights (see `check_weights`), a bad `ref`, an
+    unknown `start`, a `sum_dtype` that is not float32/float16/bfloat16 (or float32 with
+    `low_memory`), a model that lacks one of the reference's permuted keys, or (`low_memory`) a
+    value beyond float16's range.
     """
     n = len(models)
     w = check_weights(weights, n, ref)
     if max_passes < 1:
         raise ValueError(f"max_passes must be >= 1, got {max_passes}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}; got {start!r}")
+    if low_memory and sum_dtype == torch.float32:
+        raise ValueError("low_memory matches on a 16-bit sum: sum_dtype=float32 contradicts it")
     threads = threads or default_threads()
     keys = [key for key in spec.axes if key in models[ref]]
     for i, model in enumerate(models):
         missing = next((key for key in keys if key not in model), None)
         if missing is not None:
             raise ValueError(f"model {i + 1} lacks {missing}, which the reference (model {ref + 1}) has")
-    fixed = sum_dtype is not None
+    fixed = sum_dtype is not None or low_memory
     if sum_dtype is None:
         # From what is known without reading: headers (`dtype(key)`) and in-memory dicts. A model
         # read through another lazy mapping is checked when it is first read (`admit`).
@@ -303,6 +418,8 @@ def merge_many(
                 if keys
                 else torch.float32
             )
+        if low_memory and sum_dtype == torch.float32:
+            sum_dtype = LOW_MEMORY_DTYPE
     if sum_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"sum_dtype must be float32, float16 or bfloat16, got {sum_dtype}")
     compact = sum_dtype != torch.float32
@@ -312,9 +429,12 @@ def merge_many(
     # float32; a 16-bit S holds the normalised weights' sum (c = w_ref), which no weight exceeds.
     c = w[ref] if compact else 1.0
     perms = [identity_permutation(spec) for _ in range(n)]
-    norms = [0.0] * n  # ||M_i||^2 over `keys` (permutations do not change it)
+    norms = [0.0] * n  # ||M_i||^2 over `keys` (permutations do not change it), from the models
+    copy_norms = [0.0] * n  # the same for the copies matched (16-bit ones with `low_memory`)
+    units = sum(len(p) for p in perms[ref].values())
     rng = np.random.default_rng(seed)
     others = [i for i in range(n) if i != ref]
+    all_others = start == "all-others"
 
     total: dict[str, torch.Tensor] = {}  # the running sum S, updated in place from here on
 
@@ -327,17 +447,14 @@ def merge_many(
             total[key] = total[key].to(torch.float32)
         sum_dtype, compact, rounded = torch.float32, False, True
 
-    for key in keys:
-        value = models[ref][key]
-        admit([value.dtype])
-        norms[ref] += _dot(value, value)
-        total[key] = value.to(sum_dtype, copy=True)
-        if c != 1.0:
-            total[key].mul_(c)
-        del value
-    placed = {ref}
+    def narrow_to() -> torch.dtype | None:
+        """With `low_memory`, the type the copies matched are held in (that of S), else None."""
+        return sum_dtype if low_memory else None
+
+    placed = set(range(n)) if all_others else {ref}
     stale: set[int] = set(others)
     history: list[PassStats] = []
+    steps: list[ModelStep] = []
     exact_sum_norm: float | None = None  # ||sum_j w_j pi_j(M_j)||^2 at the current perms, when known
     with ThreadPoolExecutor(max_workers=threads) as pool:
 
@@ -361,74 +478,162 @@ def merge_many(
                 del value
             return math.fsum(squares)
 
+        def initial_sum() -> float:
+            """S over all N models in their own bases (`start="all-others"`): one read of each model,
+            summed in float32 key by key and rounded once; fills `norms`; returns `||sum w_j M_j||^2`."""
+            dtypes: set[torch.dtype] = set()
+            parts: dict[str, tuple[list[float], float]] = {}
+
+            def one_key(key: str) -> None:
+                acc, squares = None, []
+                for j, model in enumerate(models):
+                    value = model[key]
+                    dtypes.add(value.dtype)
+                    if _is_fp8(value.dtype):  # no mixed-type arithmetic for fp8 in torch
+                        value = value.float()
+                    squares.append(_dot(value, value))
+                    if acc is None:
+                        acc = value.to(torch.float32, copy=True).mul_(w[j])
+                    else:
+                        acc.add_(value, alpha=w[j])
+                    del value
+                assert acc is not None
+                scale = c / w[ref]  # S = c * sum u_j M_j = (c / w_ref) * sum w_j M_j
+                parts[key] = (squares, _dot(acc, acc))
+                total[key] = (acc if scale == 1.0 else acc.mul_(scale)).to(sum_dtype)
+
+            list(pool.map(one_key, keys))
+            in_order = {key: total[key] for key in keys}  # threads finish keys in any order
+            total.clear()
+            total.update(in_order)
+            for j in range(n):
+                norms[j] = math.fsum(parts[key][0][j] for key in keys)
+            exact = math.fsum(parts[key][1] for key in keys)
+            admit(dtypes)
+            return exact
+
+        if all_others:
+            exact_sum_norm = initial_sum()
+            if rounded:  # widened to float32 after some keys were rounded: exact once more
+                exact_sum_norm = rebuild()
+                rounded = False
+            return_freed_memory()
+        else:
+            for key in keys:
+                value = models[ref][key]
+                admit([value.dtype])
+                norms[ref] += _dot(value, value)
+                total[key] = value.to(sum_dtype, copy=True)
+                if c != 1.0:
+                    total[key].mul_(c)
+                del value
+        copy_norms[ref] = norms[ref]
+
+        def align(i: int, pass_index: int, position: int, visits: int) -> tuple[int, float]:
+            """Align model i to the mean of the others; returns (permutations changed, distance)."""
+            nonlocal exact_sum_norm
+            t0 = time.perf_counter()
+            first_visit = i not in visited
+            fp8_as = sum_dtype if compact else torch.float16  # exact either way
+            exact_norm: list[float] | None = [] if first_visit and low_memory and not all_others else None
+            model = _load(
+                spec, models[i], keys, None if first_visit else perms[i], fp8_as, narrow_to(), exact_norm, i
+            )
+            if first_visit:
+                if not low_memory:
+                    admit({t.dtype for t in model.values()})
+                copy_norms[i] = squared_norm(model)
+                if not all_others:  # (all-others: known from the first sum, before any rounding)
+                    norms[i] = math.fsum(exact_norm) if exact_norm is not None else copy_norms[i]
+            if i in placed and u[i] > 0:
+                update(model, -c * u[i])
+            weight_others = math.fsum(u[j] for j in placed if j != i)
+            factor = 1.0 / (c * weight_others)
+            target = _Scaled(total, factor)  # the weighted mean of the others
+            mean_norm = squared_norm(total) * factor * factor
+            # The objective where this alignment starts (a first visit: the model's own basis).
+            start_objective = inner(target, model) if first_visit else None
+            result = weight_matching(
+                spec,
+                target,
+                model,
+                max_iter=max_iter,
+                seed=seed,
+                threads=threads,
+                device=device,
+                precision=precision,
+                warm_start=first_visit,
+                overwrite_model=True,  # `model` is ours: it now holds the newly aligned model
+            )
+            del target
+            if u[i] > 0:
+                update(model, c * u[i])
+            del model
+            new = result.perms if first_visit else compose(perms[i], result.perms)
+            changed = sum(not np.array_equal(new[name], perms[i][name]) for name in spec.spaces)
+            moved_units = sum(int(np.count_nonzero(new[name] != perms[i][name])) for name in spec.spaces)
+            perms[i] = new
+            # Others' targets change when this model's contribution to S changes: it moved, or (the
+            # incremental start) it has just been added; a model of weight 0 contributes nothing.
+            if u[i] > 0 and (changed or i not in placed):
+                stale.update(placed - {ref, i})
+                exact_sum_norm = None
+            placed.add(i)
+            visited.add(i)
+            stale.discard(i)
+            if not result.converged:  # stopped at max_iter: its answer may still move from here
+                stale.add(i)
+            begin = result.history[0].objective if start_objective is None else start_objective
+            gain = result.objective - begin
+            distance = math.sqrt(max(0.0, mean_norm - 2 * result.objective + copy_norms[i]))
+            before = math.sqrt(max(0.0, mean_norm - 2 * begin + copy_norms[i]))
+            return_freed_memory()
+            step = ModelStep(
+                pass_index,
+                position,
+                visits,
+                i,
+                gain,
+                distance,
+                changed,
+                len(result.history) - 1,
+                time.perf_counter() - t0,
+                moved_units,
+                units,
+                before,
+                u[i] == 0,
+            )
+            steps.append(step)
+            if on_progress is not None:
+                on_progress(step)
+            return changed, distance
+
+        visited: set[int] = set()
         for pass_index in range(1, max_passes + 1):
             t_pass = time.perf_counter()
             order = [others[j] for j in rng.permutation(len(others))]
-            visits = [i for i in order if i in stale]
+            # Models of weight 0 change no target: aligned only once the others need nothing more.
+            weighted = [i for i in order if i in stale and u[i] > 0]
+            zero = [i for i in order if i in stale and u[i] == 0]
             distances: list[float] = []
-            models_changed = perms_changed = sweeps = 0
-            for position, i in enumerate(visits, 1):
-                t0 = time.perf_counter()
-                first_visit = i not in placed
-                fp8_as = sum_dtype if compact else torch.float16  # exact either way
-                model = _load(spec, models[i], keys, None if first_visit else perms[i], fp8_as)
-                if first_visit:
-                    admit({t.dtype for t in model.values()})
-                    norms[i] = squared_norm(model)
-                else:
-                    update(model, -c * u[i])
-                weight_others = math.fsum(u[j] for j in placed if j != i)
-                factor = 1.0 / (c * weight_others)
-                target = _Scaled(total, factor)  # the weighted mean of the others
-                mean_norm = squared_norm(total) * factor * factor
-                # The objective where this alignment starts (a first visit: the model's own basis).
-                start = inner(target, model) if first_visit else None
-                result = weight_matching(
-                    spec,
-                    target,
-                    model,
-                    max_iter=max_iter,
-                    seed=seed,
-                    threads=threads,
-                    device=device,
-                    precision=precision,
-                    warm_start=first_visit,
-                    overwrite_model=True,  # `model` is ours: it now holds the newly aligned model
-                )
-                del target
-                update(model, c * u[i])
-                del model
-                new = result.perms if first_visit else compose(perms[i], result.perms)
-                changed = sum(not np.array_equal(new[name], perms[i][name]) for name in spec.spaces)
-                perms[i] = new
-                if changed or first_visit:
-                    stale |= placed - {ref, i}
-                    exact_sum_norm = None
-                placed.add(i)
-                stale.discard(i)
-                if not result.converged:  # stopped at max_iter: its answer may still move from here
-                    stale.add(i)
-                gain = result.objective - (result.history[0].objective if start is None else start)
-                distance = math.sqrt(max(0.0, mean_norm - 2 * result.objective + norms[i]))
+            models_changed = perms_changed = 0
+            sweeps_before = sum(s.sweeps for s in steps)
+            planned = len(weighted) + len(zero)
+            position = 0
+            for i in weighted:
+                position += 1
+                changed, distance = align(i, pass_index, position, planned)
                 distances.append(distance)
                 models_changed += changed > 0
                 perms_changed += changed
-                sweeps += len(result.history) - 1
-                return_freed_memory()
-                if on_progress is not None:
-                    on_progress(
-                        ModelStep(
-                            pass_index,
-                            position,
-                            len(visits),
-                            i,
-                            gain,
-                            distance,
-                            changed,
-                            len(result.history) - 1,
-                            time.perf_counter() - t0,
-                        )
-                    )
+            if not any(u[i] > 0 for i in stale):
+                for i in zero:
+                    position += 1
+                    changed, distance = align(i, pass_index, position, planned)
+                    distances.append(distance)
+                    models_changed += changed > 0
+                    perms_changed += changed
+            sweeps = sum(s.sweeps for s in steps) - sweeps_before
             rebuild_seconds = 0.0
             if not compact and not rounded:  # S = c * sum u_i pi_i(M_i) = (c / w_ref) sum w_i pi_i(M_i)
                 exact_sum_norm = squared_norm(total) * (w[ref] / c) ** 2
@@ -441,25 +646,28 @@ def merge_many(
                 return_freed_memory()
                 rebuild_seconds = time.perf_counter() - t0
             objective = (exact_sum_norm - math.fsum(wi * wi * ni for wi, ni in zip(w, norms))) / 2
+            last = not stale or (models_changed == 0 and max_iter == 0) or pass_index == max_passes
             stats = PassStats(
                 pass_index,
                 objective,
                 math.fsum(distances) / len(distances) if distances else 0.0,
-                len(visits),
+                len(distances),
                 models_changed,
                 perms_changed,
                 sweeps,
                 time.perf_counter() - t_pass,
                 rebuild_seconds,
+                all(_is_identity(p) for p in perms),
+                last,
             )
             history.append(stats)
             if on_progress is not None:
                 on_progress(stats)
-            if not stale or (models_changed == 0 and max_iter == 0):  # --iters 0: nothing can move
+            if last:  # converged, or --iters 0 (nothing can move), or max_passes
                 break
     total.clear()
     return_freed_memory()
-    return ManyResult(perms, history, not stale, w, ref, sum_dtype)
+    return ManyResult(perms, history, not stale, w, ref, sum_dtype, steps, start, low_memory)
 
 
 def merged_tensors(
