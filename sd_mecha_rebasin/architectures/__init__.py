@@ -106,8 +106,8 @@ def permutation_spec(
     the wrong facts would permute across heads. With `shapes`, the cross-attention width (768 or
     1024) settles which of the two this is.
 
-    `text_encoders` names the text encoders that take part (default: all the family has; see
-    `present_text_encoders`); without one, the UNet's cross-attention `to_k` / `to_v` columns stay
+    `text_encoders` names the text encoders that take part (default: those `shapes` has, all or
+    none, see `present_text_encoders`; all the family has without `shapes`); without one, the UNet's cross-attention `to_k` / `to_v` columns stay
     as they are. A UNet-only config (`model_configs/unet_only.py`: LDM names without a prefix,
     diffusers names) gets the spec of its full config's UNet, no text encoders, in its own names.
     """
@@ -127,6 +127,8 @@ def permutation_spec(
 
         identifier = sd1_or_sd2_from_shapes(shapes) or identifier
     facts = family_facts(identifier, arch)
+    if text_encoders is None and shapes is not None:
+        text_encoders = present_text_encoders(identifier, shapes)
     if text_encoders is not None:
         unknown = set(text_encoders) - set(facts["text_encoders"])
         if unknown:

@@ -353,6 +353,19 @@ def _what_else(keys: Iterable[str]) -> str:
     return f"an unrecognised model ({len(keys)} tensors, e.g. {sample})"
 
 
+GGUF_FAMILIES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+"""GGUF `general.architecture` -> full config: the family of a GGUF UNet whose width tells none."""
+
+
+def _family_hint(ckpt: Checkpoint) -> str | None:
+    """The family a file says it is, beside its shapes: a GGUF's architecture, the demo's mark."""
+    from ..architectures.small import CONFIG, DEMO_LAYOUT, DEMO_LAYOUT_KEY
+
+    if isinstance(ckpt.quantized, quantized.GGUFFile):
+        return GGUF_FAMILIES.get(ckpt.quantized.architecture)
+    return CONFIG if ckpt.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT else None
+
+
 def detect_family(ckpt: Checkpoint) -> str:
     """Set and return `ckpt.config` (sd1-ldm, sd2-ldm or sdxl-sgm); UserError for anything else."""
     from sd_mecha.extensions import model_configs
@@ -364,7 +377,7 @@ def detect_family(ckpt: Checkpoint) -> str:
     unet = "model.diffusion_model."
     if not any(k.startswith(unet) for k in keys):  # a UNet-only layout (model_configs/unet_only.py)?
         try:
-            config = unet_only_config(keys)
+            config = unet_only_config(keys, _family_hint(ckpt))
         except ValueError as e:
             raise UserError(f"is {e}", ckpt.path) from None
         if config is not None:
@@ -386,6 +399,8 @@ def detect_family(ckpt: Checkpoint) -> str:
                 config = "sd2-ldm"
             elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
                 config = "sd1-ldm"
+            elif _family_hint(ckpt) is not None:
+                config = _family_hint(ckpt)
             else:
                 raise UserError(
                     "is not SD1, SD2 or SDXL (no cross-attention or text encoder keys)", ckpt.path
@@ -471,6 +486,8 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
     config_keys = _config(ckpt.config).keys()
     if expected is None:
         expected = {k: tuple(m.shape) for k, m in config_keys.items()}
+    elif ckpt.config in UNET_ONLY_LAYOUTS:  # `expected` is in the full config's names
+        expected = {own: expected[ldm] for own, ldm in ldm_names(ckpt.config).items() if ldm in expected}
     prefixes = permuted_prefixes(ckpt.config)
     unknown = [
         k for k, canon in ckpt.canonical.items() if canon not in config_keys and k.startswith(prefixes)
@@ -488,10 +505,11 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
         if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
             continue
         want = tuple(expected[canon])
-        if shape != want and not variant_shape_ok(canon, shape, want):  # inpainting, instruct-pix2pix
+        full_name = ldm_names(ckpt.config).get(canon, canon)
+        if shape != want and not variant_shape_ok(full_name, shape, want):  # inpainting, instruct-pix2pix
             hint = ""
             for (hkey, axis, value), text in _VARIANT_HINTS.items():
-                if canon == hkey and len(shape) > axis and shape[axis] == value:
+                if full_name == hkey and len(shape) > axis and shape[axis] == value:
                     hint = text
             raise UserError(
                 f"{key} has shape {_fmt(shape)}, {ckpt.family} ({ckpt.config}) expects {_fmt(want)}{hint}",

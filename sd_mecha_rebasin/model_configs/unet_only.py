@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Mapping
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -156,10 +157,11 @@ def full_config(identifier: str) -> str:
     return identifier if layout is None else layout.full
 
 
-def unet_only_config(shapes: dict[str, tuple[int, ...]]) -> str | None:
+def unet_only_config(shapes: Mapping[str, tuple[int, ...]], hint: str | None = None) -> str | None:
     """The UNet-only config of a file without `model.diffusion_model.` keys, from its key names and
-    cross-attention width; None when it is no UNet-only file. Raises ValueError for a width no
-    supported family has (the SDXL refiner's 1280, say), naming it."""
+    cross-attention width; None when it is no UNet-only file. `hint` (a full config: a GGUF's
+    `general.architecture`, the demo's small-model mark) decides where the width is no real one.
+    Raises ValueError for a width no supported family has (the SDXL refiner's 1280, say)."""
     for names, marker in MARKER_KEY.items():
         if marker not in shapes:
             continue
@@ -173,7 +175,7 @@ def unet_only_config(shapes: dict[str, tuple[int, ...]]) -> str | None:
         )
         if width is None:
             raise ValueError("a UNet-only file without cross-attention keys (attn2.to_k)")
-        full = CONTEXT_WIDTH_FAMILY.get(width)
+        full = CONTEXT_WIDTH_FAMILY.get(width) or (hint if width != 1280 else None)
         if full is None:
             what = "an SDXL refiner UNet" if width == 1280 else f"cross-attention {width} wide"
             raise ValueError(f"a UNet-only file of {what}; only SD1, SD2 and SDXL base UNets are supported")
