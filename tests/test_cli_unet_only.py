@@ -8,52 +8,25 @@ the UNets gives A's UNet back (up to the output dtype) while a plain average wou
 from __future__ import annotations
 
 import json
-import pathlib
 
-import gguf
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.unet_only import CLIP, in_layout, permuted_unet, small_models, unet_of
 
-from sd_mecha_rebasin.architectures import permutation_spec
-from sd_mecha_rebasin.architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY, SMALL_ARCH, small_shapes
+from sd_mecha_rebasin.architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from sd_mecha_rebasin.cli.commands import main
-from sd_mecha_rebasin.cli.demo import random_weights, scheduler_buffers
-from sd_mecha_rebasin.cli.jobs import RunOptions, merge_files
 from sd_mecha_rebasin.files.output import write_safetensors
-from sd_mecha_rebasin.model_configs.unet_only import layout_name
-from sd_mecha_rebasin.permutations.spec import apply_permutation, invert, random_permutation
 
-UNET = "model.diffusion_model."
-CLIP = "cond_stage_model.transformer.text_model."
-MARK = {DEMO_LAYOUT_KEY: DEMO_LAYOUT}
 LAYOUTS = {"prefixed": "sd1-ldm", "bare": "sd1-ldm_unet_only", "diffusers": "sd1-diffusers_unet_only"}
+MARK = {DEMO_LAYOUT_KEY: DEMO_LAYOUT}
+_in_layout, _unet = in_layout, unet_of
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def _models(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """A full small SD1 model, a hidden UNet-only permutation of its UNet, and that permutation."""
-    shapes = small_shapes()
-    full = random_weights(shapes, seed)
-    unet = {k: v for k, v in full.items() if k.startswith(UNET)}
-    spec = permutation_spec("sd1-ldm", arch=SMALL_ARCH, shapes={k: tuple(v.shape) for k, v in unet.items()})
-    hidden = random_permutation(spec, seed + 1)
-    full.update(scheduler_buffers())
-    full[CLIP + "embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
-    return full, apply_permutation(spec, hidden, unet), hidden
-
-
-def _in_layout(unet: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    return {layout_name(LAYOUTS[layout], k): v for k, v in unet.items()}
-
-
-def _unet(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(UNET)}
 
 
 def _close(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
@@ -63,7 +36,7 @@ def _close(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
 
 @pytest.fixture(scope="module")
 def models():
-    return _models()
+    return small_models()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -132,58 +105,9 @@ def test_merge_many_unet_only(tmp_path, capsys, models):
     paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
     write_safetensors(paths[0], _in_layout(_unet(full), "bare"), MARK)
     write_safetensors(paths[1], _in_layout(b_unet, "bare"), MARK)
-    _, c_unet, _ = _models_from(full, seed=5)
+    c_unet, _ = permuted_unet(full, seed=5)
     write_safetensors(paths[2], _in_layout(c_unet, "bare"), MARK)
     out = tmp_path / "many.safetensors"
     rc, _, err = cli(capsys, "merge-many", *paths, "-o", out, "--output-dtype", "fp32", "--quiet")
     assert rc == 0, err
     assert _close(load_file(out), _in_layout(_unet(full), "bare")) < 1e-5
-
-
-def _models_from(full: dict[str, torch.Tensor], seed: int):
-    unet = _unet(full)
-    spec = permutation_spec("sd1-ldm", arch=SMALL_ARCH, shapes={k: tuple(v.shape) for k, v in unet.items()})
-    hidden = random_permutation(spec, seed)
-    return full, apply_permutation(spec, hidden, unet), hidden
-
-
-def write_unet_gguf(path: pathlib.Path, unet: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A UNet-only GGUF (bare LDM names) as ComfyUI-GGUF writes it: matrices Q8_0, the rest F32;
-    returns the dequantized values a reader must produce."""
-    writer = gguf.GGUFWriter(path=None, arch="sd1")
-    expected = {}
-    for key, value in unet.items():
-        name = key[len(UNET) :]
-        array = value.float().numpy()
-        if value.dim() == 2 and value.shape[1] % 32 == 0:
-            raw = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            array = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, array)
-        expected[name] = torch.from_numpy(array.copy()).reshape(value.shape)
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return expected
-
-
-def test_gguf_pair_merges_to_safetensors_in_bare_layout(tmp_path, capsys, models):
-    full, b_unet, hidden = models
-    a, b, out = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "m.safetensors"
-    a_values = write_unet_gguf(a, _unet(full))
-    b_values = write_unet_gguf(b, b_unet)
-    # A GGUF carries no demo mark: the small layout's shapes and facts are given, as for any small model.
-    opts = RunOptions(arch=SMALL_ARCH, shapes=small_shapes(), output_dtype="fp32", quiet=True, progress=False)
-    result = merge_files(a, b, out, options=opts)
-    assert result.config == "sd1-ldm_unet_only" and result.units_moved > 0
-    merged = load_file(out)
-    assert set(merged) == set(a_values)
-    # Q8_0 rounds A and pi(B) differently, so the merge is their mean in A's basis, not A itself.
-    spec = permutation_spec(
-        "sd1-ldm_unet_only", arch=SMALL_ARCH, shapes={k: tuple(v.shape) for k, v in b_values.items()}
-    )
-    b_in_a = apply_permutation(spec, invert(hidden), b_values)
-    expected = {k: (a_values[k] + b_in_a[k]) / 2 for k in a_values}
-    assert _close(merged, expected) < 1e-6
