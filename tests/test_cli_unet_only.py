@@ -96,7 +96,7 @@ def test_inspect_names_the_unet_only_layout(tmp_path, capsys, models):
     rc, stdout, err = cli(capsys, "inspect", path, "--json")
     assert rc == 0, err
     info = json.loads(stdout)
-    assert info["family"] == "SD1" and info["config"] == "sd1-diffusers_unet_only"
+    assert info["family"] == "SD1" and info["config"] == "sd1-diffusers_unet_only" and info["unet_only"]
     assert info["problem"] is None and info["permuted_keys"] == len(_unet(full)) - 1  # all but conv_out.bias
 
 
@@ -111,3 +111,30 @@ def test_merge_many_unet_only(tmp_path, capsys, models):
     rc, _, err = cli(capsys, "merge-many", *paths, "-o", out, "--output-dtype", "fp32", "--quiet")
     assert rc == 0, err
     assert _close(load_file(out), _in_layout(_unet(full), "bare")) < 1e-5
+
+
+def test_inspect_of_a_prefixed_unet_only_file_leaves_the_text_encoder_out(tmp_path, capsys, models):
+    full, _, _ = models
+    path = tmp_path / "unet.safetensors"
+    write_safetensors(path, _unet(full), MARK)
+    rc, stdout, err = cli(capsys, "inspect", path, "--json")
+    assert rc == 0, err
+    info = json.loads(stdout)
+    assert info["config"] == "sd1-ldm" and info["unet_only"] and "text_stream" not in info["spec_summary"]
+    assert info["input_channels"] == 4
+
+
+def test_merge_many_refuses_a_mix_of_unet_only_and_full_models(tmp_path, capsys, models):
+    full, b_unet, _ = models
+    paths = [tmp_path / "full.safetensors", tmp_path / "u1.safetensors", tmp_path / "u2.safetensors"]
+    write_safetensors(paths[0], full, MARK)
+    write_safetensors(paths[1], b_unet, MARK)  # prefixed: same config, no text encoder
+    write_safetensors(paths[2], _in_layout(b_unet, "bare"), MARK)
+    out = tmp_path / "many.safetensors"
+    rc, _, err = cli(capsys, "merge-many", paths[0], paths[1], "-o", out)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and len(lines) == 1 and "u1.safetensors" in lines[0] and "is UNet-only" in lines[0], err
+    rc, _, err = cli(capsys, "merge-many", paths[1], paths[2], "-o", out)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and len(lines) == 1 and "key layout" in lines[0], err
+    assert not out.exists()

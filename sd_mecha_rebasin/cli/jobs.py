@@ -798,8 +798,9 @@ def describe_checkpoint(
             "dtypes": dict(dtypes.most_common()),
             "parts": dict(parts.most_common()),
             "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
-            "variant": variant_of(ckpt.canonical_shapes()),
-            "input_channels": input_channels(ckpt.canonical_shapes()),
+            "unet_only": ckpt.unet_only,
+            "variant": variant_of(ckpt.full_shapes()),
+            "input_channels": input_channels(ckpt.full_shapes()),
             "extra_bytes": ckpt.extra_bytes,
             "modelspec": {
                 k: v
@@ -810,7 +811,9 @@ def describe_checkpoint(
             "problem": problem,
         }
         if problem is None:
-            spec = _perm_spec(config, opts)
+            from ..architectures import present_text_encoders
+
+            spec = _perm_spec(config, opts, present_text_encoders(config, ckpt.canonical_shapes()))
             info["spec"] = spec.describe(verbose=verbose)
             info["spec_summary"] = spec.summary()
             info["permuted_keys"] = sum(1 for k in ckpt.canonical.values() if k in spec.axes)

@@ -140,11 +140,27 @@ def _odd_family(ckpts: Sequence[Checkpoint], ref: int) -> None:
     for ckpt in ckpts:
         if ckpt.config != majority:
             example = next(c for c in ckpts if c.config == majority)
+            if ckpt.full_config == example.full_config:  # one family, two key layouts
+                raise UserError(
+                    f"has the key layout of {ckpt.config} but {example.name} has that of {majority}; "
+                    "merge-many takes models of one key layout (convert them, or merge pairs with merge)",
+                    ckpt.path,
+                )
             raise UserError(
                 f"is {ckpt.family} ({ckpt.config}) but {example.name} is {example.family} ({majority})"
                 f"{' like the other inputs' if counts[majority] > 1 else ''}; all models must be of the same family",
                 ckpt.path,
             )
+    kinds = {c.unet_only for c in ckpts}
+    if len(kinds) > 1:  # MergeMany averages every key over all models: one kind only
+        odd = next(c for c in ckpts if c.unet_only != ckpts[ref].unet_only)
+        example = ckpts[ref]
+        what = "is UNet-only" if odd.unet_only else "has text encoders"
+        raise UserError(
+            f"{what} but {example.name} {'has text encoders' if odd.unet_only else 'is UNet-only'}; "
+            "merge-many takes all UNet-only models or all full checkpoints (merge pairs of the two with merge)",
+            odd.path,
+        )
 
 
 def load_many(
