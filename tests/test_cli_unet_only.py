@@ -100,17 +100,18 @@ def test_inspect_names_the_unet_only_layout(tmp_path, capsys, models):
     assert info["problem"] is None and info["permuted_keys"] == len(_unet(full)) - 1  # all but conv_out.bias
 
 
-def test_merge_many_unet_only(tmp_path, capsys, models):
+@pytest.mark.parametrize("layout", ["bare", "prefixed"])
+def test_merge_many_unet_only(tmp_path, capsys, models, layout):
     full, b_unet, _ = models
     paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
-    write_safetensors(paths[0], _in_layout(_unet(full), "bare"), MARK)
-    write_safetensors(paths[1], _in_layout(b_unet, "bare"), MARK)
+    write_safetensors(paths[0], _in_layout(_unet(full), layout), MARK)
+    write_safetensors(paths[1], _in_layout(b_unet, layout), MARK)
     c_unet, _ = permuted_unet(full, seed=5)
-    write_safetensors(paths[2], _in_layout(c_unet, "bare"), MARK)
+    write_safetensors(paths[2], _in_layout(c_unet, layout), MARK)
     out = tmp_path / "many.safetensors"
     rc, _, err = cli(capsys, "merge-many", *paths, "-o", out, "--output-dtype", "fp32", "--quiet")
     assert rc == 0, err
-    assert _close(load_file(out), _in_layout(_unet(full), "bare")) < 1e-5
+    assert _close(load_file(out), _in_layout(_unet(full), layout)) < 1e-5
 
 
 def test_inspect_of_a_prefixed_unet_only_file_leaves_the_text_encoder_out(tmp_path, capsys, models):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..architectures import present_text_encoders
 from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common.errors import UserError
 from ..files.checkpoint import (
@@ -331,8 +332,11 @@ def merge_many_files(
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
             for ckpt in ckpts:
-                check_spec(ckpt, opts)
-            spec = _perm_spec(config, opts)
+                check_spec(ckpt, opts, ckpts)
+            # Text encoders take part only if every input has them (UNet-only inputs: none).
+            spec = _perm_spec(
+                config, opts, present_text_encoders(config, *(c.canonical_shapes() for c in ckpts))
+            )
             models = [FileStateDict(c) for c in ckpts]
             t_align = time.perf_counter()
             with capture_logging(opts.quiet):
