@@ -483,7 +483,7 @@ def run(
     opts = dataclasses.replace(opts, device=device)
     dtype = DTYPES[opts.output_dtype]
     a, b, opts = load_inputs(a_path, b_path, opts, mode)
-    alpha_node, alpha_shown = _alpha(alpha, a.config)
+    alpha_node, alpha_shown = _alpha(alpha, layout_base(mode, a, b).config)  # the recipe's config
     for ckpt in (a, b):
         if output.resolve() == ckpt.path.resolve():
             raise UserError(f"is an input ({'A' if ckpt is a else 'B'}); choose another output file", output)
