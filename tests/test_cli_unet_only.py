@@ -139,3 +139,19 @@ def test_merge_many_refuses_a_mix_of_unet_only_and_full_models(tmp_path, capsys,
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 1 and len(lines) == 1 and "key layout" in lines[0], err
     assert not out.exists()
+
+
+def test_inpainting_unet_only_with_a_plain_one(tmp_path, capsys, models):
+    """An inpainting UNet-only A (9 input channels, bare names) with a plain B: channels 0:4 merged
+    (re-based B), A's extra channels kept exactly."""
+    full, b_unet, _ = models
+    conv = "model.diffusion_model.input_blocks.0.0.weight"
+    a_unet = _unet(full)
+    extra = torch.randn(a_unet[conv].shape[0], 5, 3, 3, generator=torch.Generator().manual_seed(3))
+    a_unet[conv] = torch.cat([a_unet[conv], extra], dim=1)
+    a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
+    write_safetensors(a, _in_layout(a_unet, "bare"), MARK)
+    write_safetensors(b, _in_layout(b_unet, "bare"), MARK)
+    rc, _, err = cli(capsys, "merge", a, b, "-o", out, "--output-dtype", "fp32", "--quiet")
+    assert rc == 0, err
+    assert _close(load_file(out), _in_layout(a_unet, "bare")) < 1e-6
