@@ -48,6 +48,7 @@ from ..files.repairs import repair_position_ids
 from ..files.variants import check_variant_pair, input_channels, variant_of
 from ..mecha.blocks import Alpha
 from ..mecha.input_channels import fill_input_channels
+from ..model_configs.unet_only import ldm_names
 from .progress import Progress, capture_logging, warn
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -453,7 +454,8 @@ def assemble(
     repaired = repair_position_ids(config, out)
     if repaired and not opts.quiet:
         warn(f"{base.name}: {'; '.join(repaired)}; the output holds the exact int64 position ids")
-    base_keys = set(base.full_shapes())
+    names = ldm_names(config)  # compared in the full config's names: the other may be of another layout
+    base_keys = {names.get(k, k) for k in out}
     left_out = sum(1 for k in other.full_shapes() if k not in base_keys)
     return out, dict(kept), left_out
 
