@@ -40,7 +40,7 @@ from .search.matching import MatchResult, SweepStats, weight_matching  # noqa: E
 register_model_configs()
 register_sd_mecha_formats()  # sd-mecha reads GGUF and fp8 scaled files dequantized (files/quantized.py)
 
-from .mecha import blocks, interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
+from .mecha import blocks, interface, unet_only  # noqa: E402, F401  (register on import; need the configs above)
 
 __all__ = [
     "ManyResult",

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..architectures import present_text_encoders
 from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common.errors import UserError
 from ..files.checkpoint import (
@@ -157,11 +158,27 @@ def _odd_family(ckpts: Sequence[Checkpoint], ref: int) -> None:
     for ckpt in ckpts:
         if ckpt.config != majority:
             example = next(c for c in ckpts if c.config == majority)
+            if ckpt.full_config == example.full_config:  # one family, two key layouts
+                raise UserError(
+                    f"has the key layout of {ckpt.config} but {example.name} has that of {majority}; "
+                    "merge-many takes models of one key layout (convert them, or merge pairs with merge)",
+                    ckpt.path,
+                )
             raise UserError(
                 f"is {ckpt.family} ({ckpt.config}) but {example.name} is {example.family} ({majority})"
                 f"{' like the other inputs' if counts[majority] > 1 else ''}; all models must be of the same family",
                 ckpt.path,
             )
+    kinds = {c.unet_only for c in ckpts}
+    if len(kinds) > 1:  # MergeMany averages every key over all models: one kind only
+        odd = next(c for c in ckpts if c.unet_only != ckpts[ref].unet_only)
+        example = ckpts[ref]
+        what = "is UNet-only" if odd.unet_only else "has text encoders"
+        raise UserError(
+            f"{what} but {example.name} {'has text encoders' if odd.unet_only else 'is UNet-only'}; "
+            "merge-many takes all UNet-only models or all full checkpoints (merge pairs of the two with merge)",
+            odd.path,
+        )
 
 
 def load_many(
@@ -371,8 +388,11 @@ def merge_many_files(
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
             for ckpt in ckpts:
-                check_spec(ckpt, opts)
-            spec = _perm_spec(config, opts)
+                check_spec(ckpt, opts, ckpts)
+            # Text encoders take part only if every input has them (UNet-only inputs: none).
+            spec = _perm_spec(
+                config, opts, present_text_encoders(config, *(c.canonical_shapes() for c in ckpts))
+            )
             models = [FileStateDict(c) for c in ckpts]
             t_align = time.perf_counter()
             with capture_logging(opts.quiet), _out_of_range(ckpts):

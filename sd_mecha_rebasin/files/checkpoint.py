@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..common.errors import UserError
+from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, full_config, ldm_names, unet_only_config
 from . import quantized, safetensors_file
 from .safetensors_file import HeaderError, pickle_signature
 from .variants import same_but_input_channels, variant_shape_ok
@@ -41,7 +42,8 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 FAMILY_NAMES = {"sd1-ldm": "SD1", "sd2-ldm": "SD2", "sdxl-sgm": "SDXL"}
-"""sd-mecha config identifier -> the family name shown to users."""
+FAMILY_NAMES.update({ident: FAMILY_NAMES[layout.full] for ident, layout in UNET_ONLY_LAYOUTS.items()})
+"""sd-mecha config identifier -> the family name shown to users (a UNet-only config: its family's)."""
 
 MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max"})
 """Flags and constants that describe how a model is sampled, not weights (SDXL v-prediction etc.)."""
@@ -86,6 +88,24 @@ class Checkpoint:
 
     def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.canonical.get(k, k): s for k, s in self.shapes.items()}
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """`canonical_shapes` in the names of the full config (a UNet-only file's keys renamed to
+        `model.diffusion_model.` LDM names), so that files of two layouts can be compared."""
+        names = ldm_names(self.config or "")
+        return {names.get(k, k): s for k, s in self.canonical_shapes().items()}
+
+    @property
+    def full_config(self) -> str:
+        """The full config of its family (sd1-ldm, sd2-ldm, sdxl-sgm), whatever its layout."""
+        return full_config(self.config or "")
+
+    @property
+    def unet_only(self) -> bool:
+        """A UNet without text encoders: a UNet-only config, or a full config's UNet alone."""
+        from ..architectures import present_text_encoders
+
+        return self.config is not None and not present_text_encoders(self.config, self.canonical_shapes())
 
     def iter_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.kind == "pickle":
@@ -313,14 +333,12 @@ _OTHER_KINDS: list[tuple[str, str]] = [
     (r"joint_blocks\.", "a Stable Diffusion 3 model"),
     (r"(^|\.)double_blocks\.", "a FLUX model"),
     (
-        r"^(unet\.)?(down_blocks|up_blocks|mid_block)\.",
-        "a diffusers-format UNet (convert it to a single-file checkpoint)",
+        r"^unet\.(down_blocks|up_blocks|mid_block)\.",
+        "a diffusers UNet under a unet. prefix (save it without the prefix)",
     ),
+    (r"^(down_blocks|up_blocks|mid_block)\.", "an incomplete diffusers UNet (no conv_in.weight)"),
     (r"^(text_model|text_encoder)\.", "a text encoder only"),
-    (
-        r"^(input_blocks|middle_block|output_blocks)\.",
-        "a UNet-only file (LDM names without model.diffusion_model.; not supported yet)",
-    ),
+    (r"^(input_blocks|middle_block|output_blocks)\.", "an incomplete UNet (no input_blocks.0.0.weight)"),
     (r"^(first_stage_model\.)?(encoder|decoder)\.(conv_in|down|up|mid)", "a VAE only"),
 ]
 
@@ -335,6 +353,19 @@ def _what_else(keys: Iterable[str]) -> str:
     return f"an unrecognised model ({len(keys)} tensors, e.g. {sample})"
 
 
+GGUF_FAMILIES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+"""GGUF `general.architecture` -> full config: the family of a GGUF UNet whose width tells none."""
+
+
+def _family_hint(ckpt: Checkpoint) -> str | None:
+    """The family a file says it is, beside its shapes: a GGUF's architecture, the demo's mark."""
+    from ..architectures.small import CONFIG, DEMO_LAYOUT, DEMO_LAYOUT_KEY
+
+    if isinstance(ckpt.quantized, quantized.GGUFFile):
+        return GGUF_FAMILIES.get(ckpt.quantized.architecture)
+    return CONFIG if ckpt.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT else None
+
+
 def detect_family(ckpt: Checkpoint) -> str:
     """Set and return `ckpt.config` (sd1-ldm, sd2-ldm or sdxl-sgm); UserError for anything else."""
     from sd_mecha.extensions import model_configs
@@ -344,7 +375,14 @@ def detect_family(ckpt: Checkpoint) -> str:
     register_model_configs()
     keys = ckpt.shapes
     unet = "model.diffusion_model."
-    if not any(k.startswith(unet) for k in keys):
+    if not any(k.startswith(unet) for k in keys):  # a UNet-only layout (model_configs/unet_only.py)?
+        try:
+            config = unet_only_config(keys, _family_hint(ckpt))
+        except ValueError as e:
+            raise UserError(f"is {e}", ckpt.path) from None
+        if config is not None:
+            ckpt.config, ckpt.canonical = config, {k: k for k in keys}
+            return config
         raise UserError(f"not a Stable Diffusion checkpoint: looks like {_what_else(keys)}", ckpt.path)
     if any(k.startswith(unet + "joint_blocks.") for k in keys):
         raise UserError("is a Stable Diffusion 3 model; only SD1, SD2 and SDXL are supported", ckpt.path)
@@ -361,6 +399,8 @@ def detect_family(ckpt: Checkpoint) -> str:
                 config = "sd2-ldm"
             elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
                 config = "sd1-ldm"
+            elif _family_hint(ckpt) is not None:
+                config = _family_hint(ckpt)
             else:
                 raise UserError(
                     "is not SD1, SD2 or SDXL (no cross-attention or text encoder keys)", ckpt.path
@@ -418,6 +458,8 @@ def permuted_prefixes(config: str) -> tuple[str, ...]:
     """Key prefixes of the components the permutation spec covers (UNet and text encoders)."""
     from ..architectures import families
 
+    if config in UNET_ONLY_LAYOUTS:
+        return ("",)  # every key of a UNet-only file is a UNet key
     facts = families()[config]
     return (facts["unet"]["prefix"], *(enc["prefix"] for enc in facts["text_encoders"].values()))
 
@@ -444,6 +486,8 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
     config_keys = _config(ckpt.config).keys()
     if expected is None:
         expected = {k: tuple(m.shape) for k, m in config_keys.items()}
+    elif ckpt.config in UNET_ONLY_LAYOUTS:  # `expected` is in the full config's names
+        expected = {own: expected[ldm] for own, ldm in ldm_names(ckpt.config).items() if ldm in expected}
     prefixes = permuted_prefixes(ckpt.config)
     unknown = [
         k for k, canon in ckpt.canonical.items() if canon not in config_keys and k.startswith(prefixes)
@@ -461,10 +505,11 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
         if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
             continue
         want = tuple(expected[canon])
-        if shape != want and not variant_shape_ok(canon, shape, want):  # inpainting, instruct-pix2pix
+        full_name = ldm_names(ckpt.config).get(canon, canon)
+        if shape != want and not variant_shape_ok(full_name, shape, want):  # inpainting, instruct-pix2pix
             hint = ""
             for (hkey, axis, value), text in _VARIANT_HINTS.items():
-                if canon == hkey and len(shape) > axis and shape[axis] == value:
+                if full_name == hkey and len(shape) > axis and shape[axis] == value:
                     hint = text
             raise UserError(
                 f"{key} has shape {_fmt(shape)}, {ckpt.family} ({ckpt.config}) expects {_fmt(want)}{hint}",
@@ -478,19 +523,20 @@ def check_pair(a: Checkpoint, b: Checkpoint) -> None:
     Input-channel variants (inpainting, instruct-pix2pix) pass here; `variants.check_variant_pair`
     decides which of their pairs merge.
     """
-    if a.config != b.config:
+    if a.full_config != b.full_config:
         raise UserError(
             f"is {b.family} ({b.config}) but {a.name} is {a.family} ({a.config}); both models must be of the same family",
             b.path,
         )
-    a_shapes, b_shapes = a.canonical_shapes(), b.canonical_shapes()
-    shared = [k for k in a_shapes if k in b_shapes and is_merged_key(a.config, k)]
+    config = a.full_config
+    a_shapes, b_shapes = a.full_shapes(), b.full_shapes()  # a UNet-only file against a full one
+    shared = [k for k in a_shapes if k in b_shapes and is_merged_key(config, k)]
     for key in shared:
         if a_shapes[key] != b_shapes[key] and not same_but_input_channels(key, a_shapes[key], b_shapes[key]):
             raise UserError(
                 f"{key} has shape {_fmt(b_shapes[key])} but {a.name} has {_fmt(a_shapes[key])}", b.path
             )
-    prefixes = permuted_prefixes(a.config)
+    prefixes = permuted_prefixes(config)
     if not any(k.startswith(prefixes) for k in shared):
         raise UserError(f"shares no UNet or text-encoder weights with {a.name}", b.path)
 

@@ -130,6 +130,23 @@ def _shapes(
     return shapes
 
 
+def _text_encoders(
+    models: Sequence[Mapping[str, Tensor]], config: str, keys: Sequence[str]
+) -> tuple[str, ...]:
+    """The text encoders every model has (all or none, see `present_text_encoders`): probed by one
+    small key each, so that a UNet-only model among them leaves the encoders out of the matching."""
+    from ..architectures import family_facts, present_text_encoders
+
+    if not present_text_encoders(config, dict.fromkeys(keys)):
+        return ()
+    for enc in family_facts(config)["text_encoders"].values():
+        under = [k for k in keys if k.startswith(enc["prefix"])]
+        probe = next((k for k in under if k.endswith(".bias")), under[0] if under else None)
+        if probe is None or any(_read(m, probe) is None for m in models):
+            return ()
+    return present_text_encoders(config, dict.fromkeys(keys))
+
+
 def _prepass(
     models: Sequence[StateDict[Tensor]], config: str, settings: tuple, arch: Any
 ) -> tuple[PermutationSpec, list[Permutations]]:
@@ -138,7 +155,9 @@ def _prepass(
     keys = [key for key in models[ref].model_config.keys() if key in bound_keys(config)]
     shapes = _shapes(views, ref, keys)
     try:
-        spec = permutation_spec(config, arch=arch, shapes=shapes)
+        spec = permutation_spec(
+            config, arch=arch, shapes=shapes, text_encoders=_text_encoders(views, config, keys)
+        )
     except ValueError as e:
         raise ValueError(
             f"git_rebasin_many: the tensor shapes do not fit the {config} architecture: {e}"
