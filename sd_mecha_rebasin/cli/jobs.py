@@ -28,9 +28,9 @@ from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common import events, testhooks
 from ..common.devices import cuda_devices
 from ..common.errors import UserError
+from ..files import key_kinds
 from ..files.checkpoint import (
     FAMILY_NAMES,
-    MARKER_KEYS,
     Checkpoint,
     check_finite,
     check_pair,
@@ -347,16 +347,17 @@ def _perm_spec(config: str, opts: RunOptions):
 
 
 def _kept_category(config: str, key: str) -> str:
-    if key in MARKER_KEYS:
-        return "markers"
+    """The summary's name for a kept key: its `key_kinds` row, else "unknown" / "buffers"."""
     component = component_of_keys_cached(config).get(key)
-    if component == "ema":
-        return "ema"
-    if component == "scheduler":
-        return "scheduler"
-    if component is None:
-        return "unknown"
-    return "buffers"
+    kind = key_kinds.kind_of(key, component)
+    if kind is not None:
+        return kind.name
+    return "unknown" if component is None else "buffers"
+
+
+def _policy(config: str, key: str) -> str | None:
+    """The `key_kinds` policy of a canonical key (None: a plain weight or a key the config lacks)."""
+    return key_kinds.policy_of(key, component_of_keys_cached(config).get(key))
 
 
 def assemble(
@@ -386,6 +387,9 @@ def assemble(
     to_keep: list[str] = []
     for key in base.shapes:
         canon = base.canonical.get(key, key)
+        if _policy(config, canon) == key_kinds.DROPPED:
+            kept["dropped"] += 1
+            continue
         if is_merged_key(config, canon, base.dtypes[key]) and canon in merged:
             out[canon] = merged[canon]
         else:
@@ -407,11 +411,25 @@ def assemble(
         if weight and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         out[canon] = tensor
+    from_other = [  # kinds kept from whichever side has them (key_kinds: kept_from_either)
+        k
+        for k in other.shapes
+        if other.canonical.get(k, k) not in out
+        and _policy(config, other.canonical.get(k, k)) == key_kinds.KEPT_FROM_EITHER
+    ]
+    for key, tensor in other.iter_tensors(from_other):
+        out[other.canonical.get(key, key)] = tensor
+        kept[f"{_kept_category(config, other.canonical.get(key, key))} (from {other.name})"] += 1
     repaired = repair_position_ids(config, out)
     if repaired and not opts.quiet:
         warn(f"{base.name}: {'; '.join(repaired)}; the output holds the exact int64 position ids")
     base_keys = set(out)
-    left_out = sum(1 for k in other.shapes if other.canonical.get(k, k) not in base_keys)
+    left_out = sum(
+        1
+        for k in other.shapes
+        if other.canonical.get(k, k) not in base_keys
+        and _policy(config, other.canonical.get(k, k)) != key_kinds.DROPPED
+    )
     return out, dict(kept), left_out
 
 
@@ -529,9 +547,9 @@ def run(
                         "output_dtype": opts.output_dtype,
                         "config_source": config,
                     },
-                    prediction_type="v"
-                    if "v_pred" in (b if mode == "align" else a).canonical.values()
-                    else None,
+                    prediction_type=key_kinds.metadata_prediction(
+                        (b if mode == "align" else a).canonical.values()
+                    ),
                 )
                 if demo_layout:
                     metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
@@ -641,6 +659,8 @@ def expected_output_bytes(mode: str, a: Checkpoint, b: Checkpoint, dtype: torch.
     emas = ema_map(base.shapes, [c for c in canon.values() if c.startswith("model.diffusion_model.")])
     total = 0
     for key, shape in base.shapes.items():
+        if _policy(config, canon[key]) == key_kinds.DROPPED:
+            continue
         stored = base.dtypes[key]
         weight = key in emas or is_merged_key(config, canon[key], stored)
         total += math.prod(shape) * (dtype if weight and stored.is_floating_point else stored).itemsize
@@ -677,18 +697,16 @@ def _sweeps(result: Any) -> int:
 
 
 def _warn_prediction_mismatch(mode: str, a: Checkpoint, b: Checkpoint, quiet: bool) -> None:
-    """Warn when one model carries a v-prediction / zero-terminal-SNR marker and the other does not."""
+    """One loud warning when the two models' prediction types (eps, v, EDM, from the markers of
+    `key_kinds`) differ; the merge goes on."""
     if quiet:
         return
     base = b if mode == "align" else a
-    for marker in ("v_pred", "ztsnr"):
-        in_a, in_b = marker in a.canonical.values(), marker in b.canonical.values()
-        if in_a != in_b:
-            has, lacks = (a, b) if in_a else (b, a)
-            warn(
-                f"{has.name} has the '{marker}' marker and {lacks.name} does not "
-                f"(different prediction types?); the output keeps the markers of {base.name}"
-            )
+    text = key_kinds.prediction_mismatch(
+        a.name, a.canonical.values(), b.name, b.canonical.values(), base.name, base.canonical.values()
+    )
+    if text is not None:
+        warn(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,7 +768,20 @@ def describe_checkpoint(
             "parameters": ckpt.parameters(),
             "dtypes": dict(dtypes.most_common()),
             "parts": dict(parts.most_common()),
-            "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
+            "markers": sorted(
+                k for k in ckpt.canonical.values() if getattr(key_kinds.kind_of(k), "name", None) == "markers"
+            ),
+            "prediction": key_kinds.prediction_of(ckpt.canonical.values()),
+            "layout": ckpt.layout.describe()
+            if ckpt.layout is not None
+            else {"source": "canonical", "renamed": 0},
+            "kinds": dict(
+                collections.Counter(
+                    kind.name + " (" + kind.policy + ")"
+                    for k in ckpt.canonical.values()
+                    if (kind := key_kinds.kind_of(k, components.get(k))) is not None
+                )
+            ),
             "variant": variant_of(ckpt.canonical_shapes()),
             "input_channels": input_channels(ckpt.canonical_shapes()),
             "extra_bytes": ckpt.extra_bytes,
