@@ -323,3 +323,28 @@ def test_long_clip_against_a_77_position_encoder_is_refused(tmp_path, capsys):
     assert not out.exists()
     rc, _, err = cli(capsys, "merge", pl, pa, "-o", out)
     one_line_error(rc, err, "A.safetensors", key, "[248, 64]", "[77, 64]", "LongCLIP")
+
+
+def test_two_long_clip_models_merge_with_248_positions(tmp_path):
+    key = SD1_CLIP + "embeddings.position_embedding.weight"
+    ids = SD1_CLIP + "embeddings.position_ids"
+    models = []
+    for seed, sd in enumerate(quirks.small_pair()):
+        sd = dict(sd)
+        gen = torch.Generator().manual_seed(seed)
+        sd[key] = torch.randn(key_kinds.LONG_CLIP_POSITIONS, sd[key].shape[1], generator=gen)
+        sd[ids] = torch.arange(77).reshape(1, 77)  # a broken buffer: the exact one has 248 entries
+        models.append(sd)
+    pa = quirks.save(tmp_path / "A.safetensors", models[0])
+    pb = quirks.save(tmp_path / "B.safetensors", models[1])
+    opts = RunOptions(threads=2, quiet=True, output_dtype="fp32", iters=2)
+    run("average", pa, pb, tmp_path / "avg.safetensors", opts)
+    avg = load_file(str(tmp_path / "avg.safetensors"))
+    assert torch.equal(avg[key], torch.lerp(models[0][key], models[1][key], 0.5))
+    assert torch.equal(avg[ids], torch.arange(248).reshape(1, 248))
+    result = run("merge", pa, pb, tmp_path / "m.safetensors", opts)
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert merged[key].shape == (248, models[0][key].shape[1])
+    stream = next(name for name in result.perms if name.startswith(SD1_CLIP))
+    aligned = models[1][key][:, torch.as_tensor(result.perms[stream])]
+    assert torch.allclose(merged[key], torch.lerp(models[0][key], aligned, 0.5), atol=1e-6)

@@ -38,6 +38,7 @@ from ..files.checkpoint import (
     detect_family,
     ema_map,
     is_merged_key,
+    merge_policy,
     open_checkpoint,
     register_pickle_format,
     release_pickles,
@@ -355,9 +356,7 @@ def _kept_category(config: str, key: str) -> str:
     return "unknown" if component is None else "buffers"
 
 
-def _policy(config: str, key: str) -> str | None:
-    """The `key_kinds` policy of a canonical key (None: a plain weight or a key the config lacks)."""
-    return key_kinds.policy_of(key, component_of_keys_cached(config).get(key))
+_policy = merge_policy
 
 
 def assemble(
@@ -701,9 +700,8 @@ def _warn_prediction_mismatch(mode: str, a: Checkpoint, b: Checkpoint, quiet: bo
     `key_kinds`) differ; the merge goes on."""
     if quiet:
         return
-    base = b if mode == "align" else a
     text = key_kinds.prediction_mismatch(
-        a.name, a.canonical.values(), b.name, b.canonical.values(), base.name, base.canonical.values()
+        a.name, a.canonical.values(), b.name, b.canonical.values(), base_is_a=mode != "align"
     )
     if text is not None:
         warn(text)

@@ -44,7 +44,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 FAMILY_NAMES = {"sd1-ldm": "SD1", "sd2-ldm": "SD2", "sdxl-sgm": "SDXL"}
 """sd-mecha config identifier -> the family name shown to users."""
 
-MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max", "edm_mean", "edm_std"})
+MARKER_KEYS = frozenset(
+    {"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max", "edm_mean", "edm_std"}
+)
 """Flags and constants that describe how a model is sampled, not weights (the "markers" rows of
 `key_kinds.KINDS`, which says what a merge does with them)."""
 
@@ -425,6 +427,12 @@ def is_merged_key(config: str, key: str, dtype: torch.dtype | None = None) -> bo
     if meta is None:
         return False
     return meta.dtype.is_floating_point and (dtype is None or dtype.is_floating_point)
+
+
+def merge_policy(config: str, key: str) -> str | None:
+    """The `key_kinds` policy of a canonical key of `config` (None: a plain weight of the config, or
+    a key neither the config nor the table knows)."""
+    return key_kinds.policy_of(key, component_of_keys_cached(config).get(key))
 
 
 _components_cache: dict[str, dict[str, str]] = {}

@@ -145,20 +145,17 @@ def metadata_prediction(keys: Iterable[str]) -> str | None:
 
 
 def prediction_mismatch(
-    a_name: str,
-    a_keys: Iterable[str],
-    b_name: str,
-    b_keys: Iterable[str],
-    base_name: str,
-    base_keys: Iterable[str],
+    a_name: str, a_keys: Iterable[str], b_name: str, b_keys: Iterable[str], base_is_a: bool = True
 ) -> str | None:
-    """The one warning for two models of different prediction types (None when they agree)."""
+    """The one warning for two models of different prediction types (None when they agree); the
+    output keeps the markers of the base model (A, or B when `base_is_a` is False)."""
     pa, pb = prediction_of(a_keys), prediction_of(b_keys)
     if pa == pb:
         return None
+    base, kept = (a_name, pa) if base_is_a else (b_name, pb)
     return (
         f"PREDICTION TYPES DIFFER: {a_name} is {pa} and {b_name} is {pb}; merged anyway, the output "
-        f"keeps the markers of {base_name} ({prediction_of(base_keys)}) and is sampled as that"
+        f"keeps the markers of {base} ({kept}) and is sampled as that"
     )
 
 
