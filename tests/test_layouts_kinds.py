@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -348,3 +350,37 @@ def test_two_long_clip_models_merge_with_248_positions(tmp_path):
     stream = next(name for name in result.perms if name.startswith(SD1_CLIP))
     aligned = models[1][key][:, torch.as_tensor(result.perms[stream])]
     assert torch.allclose(merged[key], torch.lerp(models[0][key], aligned, 0.5), atol=1e-6)
+
+
+def test_sdxl_unet_and_vae_without_text_encoders_merge(tmp_path, capsys):
+    """SDXL files of UNet + VAE: the UNet's permutations are matched without the text encoders
+    (cross-attention k/v and label_emb's pooled columns stay as they are); a hidden permutation of
+    B is recovered, so the merge is the mean of A and the un-permuted B."""
+    from sd_mecha_rebasin.architectures import permutation_spec
+    from sd_mecha_rebasin.permutations.groups import random_element
+    from sd_mecha_rebasin.permutations.spec import permute_tensor
+
+    shapes = {
+        k: s for k, s in {**key_shapes("sdxl", "tiny"), **VAE}.items() if not k.startswith("conditioner.")
+    }
+    arch = arch_overrides("sdxl", "tiny")
+    spec = permutation_spec("sdxl-sgm", arch=arch, shapes=shapes)
+    assert not any(k.startswith("conditioner.") for k in spec.axes)
+    for key in ("input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", "label_emb.0.0.weight"):
+        assert 1 not in spec.axes.get(UNET + key, {}), key  # their input columns are never permuted
+    a = {k: v for k, v in tiny("sdxl", 0).items() if k in shapes}
+    rng = np.random.default_rng(5)
+    perms = {name: random_element(sp.tree, rng) for name, sp in spec.spaces.items()}
+    b = {k: permute_tensor(spec, k, v, perms) if k in spec.axes else v for k, v in a.items()}
+    pa = quirks.save(tmp_path / "A.safetensors", a, metadata=None)
+    pb = quirks.save(tmp_path / "B.safetensors", b, metadata=None)
+    opts = dataclasses.replace(tiny_options("sdxl"), quiet=False, progress=False, shapes=shapes)
+    result = run("merge", pa, pb, tmp_path / "m.safetensors", opts)
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "no text encoder" in line]
+    assert len(notes) == 1 and "UNet + VAE only" in notes[0] and "UNet and VAE are merged" in notes[0], err
+    assert result.rel_distance < 1e-6
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert sorted(merged) == sorted(a)
+    for key, value in a.items():
+        assert torch.allclose(merged[key], value, atol=1e-6), key

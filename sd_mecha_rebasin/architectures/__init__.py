@@ -82,7 +82,8 @@ def permutation_spec(
     A UNet-only LDM file has the key names of both `sd1-ldm` and `sd2-ldm`, and sd-mecha's
     detection (key names only) takes it for `sd2-ldm`; SD1 has 8 heads, SD2 heads 64 wide, so
     the wrong facts would permute across heads. With `shapes`, the cross-attention width (768 or
-    1024) settles which of the two this is.
+    1024) settles which of the two this is. `shapes` without any text-encoder key give the spec of
+    the UNet alone (its context and pooled inputs unpermuted).
     """
     identifier = config_identifier(config)
     if shapes is not None and identifier in ("sd1-ldm", "sd2-ldm"):
@@ -93,7 +94,13 @@ def permutation_spec(
     b = SpecBuilder(shapes if shapes is not None else config_shapes(config))
     context, pooled_space = [], None
     unet = facts["unet"]
-    for name, enc in facts["text_encoders"].items():
+    encoders = facts["text_encoders"]
+    if shapes is not None and not any(k.startswith(e["prefix"]) for e in encoders.values() for k in shapes):
+        # no text encoder at all (an SDXL file of UNet + VAE): its stream is not part of this model,
+        # so the cross-attention k/v columns and label_emb's pooled columns stay as they are. One
+        # encoder of several missing still fails below: the concatenation would be misplaced.
+        encoders = {}
+    for name, enc in encoders.items():
         pooled = None
         if enc.get("pooled"):
             pooled = b.space(f"{name}.pooled", "embedding", _pooled_tree(b, enc))

@@ -38,6 +38,7 @@ from ..files.checkpoint import (
     detect_family,
     ema_map,
     is_merged_key,
+    lacks_text_encoders,
     merge_policy,
     open_checkpoint,
     register_pickle_format,
@@ -217,6 +218,11 @@ def load_inputs(
     validate(b, opts.shapes)
     check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
     warn_extra_bytes((a, b), opts.quiet)
+    without = [c for c in (a, b) if lacks_text_encoders(c)]
+    if without and not opts.quiet:
+        names = " and ".join(c.name for c in without)
+        what = "the UNet and VAE are merged" if len(without) == 2 else "their UNets and VAEs are merged"
+        warn(f"{names} {'has' if len(without) == 1 else 'have'} no text encoder (UNet + VAE only): {what}")
     if same_files([a.path, b.path]) and not opts.quiet:
         names = f"both {a.name}" if a.name == b.name else f"one file ({a.name} and {b.name})"
         what = "the output is that model" if mode == "align" else "the merge gives that model back"

@@ -452,6 +452,20 @@ def permuted_prefixes(config: str) -> tuple[str, ...]:
     return (facts["unet"]["prefix"], *(enc["prefix"] for enc in facts["text_encoders"].values()))
 
 
+def text_encoder_prefixes(config: str) -> tuple[str, ...]:
+    """Key prefixes of the family's text encoders."""
+    from ..architectures import families
+
+    return tuple(enc["prefix"] for enc in families()[config]["text_encoders"].values())
+
+
+def lacks_text_encoders(ckpt: Checkpoint) -> bool:
+    """Whether a detected checkpoint holds no text-encoder key at all (an SDXL file of UNet + VAE)."""
+    assert ckpt.config is not None
+    prefixes = text_encoder_prefixes(ckpt.config)
+    return not any(canon.startswith(prefixes) for canon in ckpt.canonical.values())
+
+
 _VARIANT_HINTS = {
     ("model.diffusion_model.input_blocks.0.0.weight", 1, 9): " (an inpainting model?)",
     ("model.diffusion_model.input_blocks.0.0.weight", 1, 8): " (an instruct-pix2pix model?)",
