@@ -384,3 +384,26 @@ def test_sdxl_unet_and_vae_without_text_encoders_merge(tmp_path, capsys):
     assert sorted(merged) == sorted(a)
     for key, value in a.items():
         assert torch.allclose(merged[key], value, atol=1e-6), key
+
+
+def test_sd_mecha_recipes_read_forge_files_as_canonical(tmp_path):
+    """`import sd_mecha_rebasin` is enough: a recipe over Forge files merges canonical keys."""
+    import sd_mecha
+
+    import sd_mecha_rebasin  # noqa: F401
+
+    a, b = tiny("sdxl", 0), tiny("sdxl", 1)
+    fa = quirks.save(tmp_path / "fA.safetensors", quirks.to_forge(a), metadata=None)
+    fb = quirks.save(tmp_path / "fB.safetensors", quirks.to_forge(b), metadata=None)
+    recipe = sd_mecha.weighted_sum(
+        sd_mecha.model(str(fa), "sdxl-sgm"), sd_mecha.model(str(fb), "sdxl-sgm"), alpha=0.5
+    )
+    out: dict[str, torch.Tensor] = {}
+    sd_mecha.merge(recipe, output=out, output_dtype=torch.float32, threads=1, check_extra_keys=False)
+    out.pop("__metadata__", None)
+    for key in (
+        G + "transformer.resblocks.3.attn.in_proj_weight",
+        G + "text_projection",
+        UNET + "out.2.weight",
+    ):
+        assert torch.allclose(out[key], torch.lerp(a[key], b[key], 0.5), atol=1e-6), key

@@ -71,6 +71,7 @@ def permutation_spec(
     config: Any,
     arch: Mapping[str, Mapping[str, Any]] | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    unet_alone: bool | None = None,
 ) -> PermutationSpec:
     """The legal permutation group of a model, derived from its config's key layout.
 
@@ -82,8 +83,9 @@ def permutation_spec(
     A UNet-only LDM file has the key names of both `sd1-ldm` and `sd2-ldm`, and sd-mecha's
     detection (key names only) takes it for `sd2-ldm`; SD1 has 8 heads, SD2 heads 64 wide, so
     the wrong facts would permute across heads. With `shapes`, the cross-attention width (768 or
-    1024) settles which of the two this is. `shapes` without any text-encoder key give the spec of
-    the UNet alone (its context and pooled inputs unpermuted).
+    1024) settles which of the two this is. `unet_alone` gives the spec of the UNet alone (its
+    context and pooled inputs unpermuted); by default, when `shapes` hold no text-encoder key (an
+    SDXL file of UNet + VAE). `unet_alone=False` requires the text encoders.
     """
     identifier = config_identifier(config)
     if shapes is not None and identifier in ("sd1-ldm", "sd2-ldm"):
@@ -95,7 +97,11 @@ def permutation_spec(
     context, pooled_space = [], None
     unet = facts["unet"]
     encoders = facts["text_encoders"]
-    if shapes is not None and not any(k.startswith(e["prefix"]) for e in encoders.values() for k in shapes):
+    if unet_alone is None:
+        unet_alone = shapes is not None and not any(
+            k.startswith(e["prefix"]) for e in encoders.values() for k in shapes
+        )
+    if unet_alone:
         # no text encoder at all (an SDXL file of UNet + VAE): its stream is not part of this model,
         # so the cross-attention k/v columns and label_emb's pooled columns stay as they are. One
         # encoder of several missing still fails below: the concatenation would be misplaced.

@@ -230,7 +230,7 @@ def load_inputs(
     return a, b, opts
 
 
-def check_spec(ckpt: Checkpoint, opts: RunOptions) -> None:
+def check_spec(ckpt: Checkpoint, opts: RunOptions, unet_alone: bool = False) -> None:
     """Refuse, before the merge, a model whose permutation spec cannot be built from its keys.
 
     A UNet-only file is the usual case: the rules tie the UNet's cross-attention columns to the
@@ -241,8 +241,8 @@ def check_spec(ckpt: Checkpoint, opts: RunOptions) -> None:
     from ..permutations.spec import MissingKeyError
 
     assert ckpt.config is not None
-    try:
-        permutation_spec(ckpt.config, arch=opts.arch, shapes=ckpt.canonical_shapes())
+    try:  # the text encoders are needed unless no input has one (`unet_alone`: SDXL UNet + VAE)
+        permutation_spec(ckpt.config, arch=opts.arch, shapes=ckpt.canonical_shapes(), unet_alone=unet_alone)
     except MissingKeyError as e:
         part = "text encoder" if not e.key.startswith("model.diffusion_model.") else "UNet"
         raise UserError(
@@ -482,8 +482,9 @@ def run(
             _scan_inputs((a, b), opts.threads)
             _warn_prediction_mismatch(mode, a, b, opts.quiet)
             if mode != "average":
+                unet_alone = all(lacks_text_encoders(c) for c in (a, b))  # SDXL UNet + VAE files
                 for ckpt in (a, b):
-                    check_spec(ckpt, opts)
+                    check_spec(ckpt, opts, unet_alone)
 
             config = a.config
             assert config is not None
