@@ -378,7 +378,7 @@ def test_sdxl_unet_and_vae_without_text_encoders_merge(tmp_path, capsys):
     result = run("merge", pa, pb, tmp_path / "m.safetensors", opts)
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "no text encoder" in line]
-    assert len(notes) == 1 and "UNet + VAE only" in notes[0] and "UNet and VAE are merged" in notes[0], err
+    assert len(notes) == 1 and "UNet + VAE only" in notes[0] and "UNets and VAEs are merged" in notes[0], err
     assert result.rel_distance < 1e-6
     merged = load_file(str(tmp_path / "m.safetensors"))
     assert sorted(merged) == sorted(a)

@@ -58,7 +58,6 @@ def _print_result(res: RunResult, as_json: bool, quiet: bool) -> None:
             "markers": "prediction markers",
             "dropped": "extra keys dropped (not part of the canonical layout)",
             "lcm": "LCM guidance projection",
-            "position_ids": "position ids",
             "buffers": "integer buffers",
             "unknown": "keys sd-mecha does not know",
             "weights": f"weights {other} lacks",

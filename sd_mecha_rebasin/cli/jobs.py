@@ -218,11 +218,8 @@ def load_inputs(
     validate(b, opts.shapes)
     check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
     warn_extra_bytes((a, b), opts.quiet)
-    without = [c for c in (a, b) if lacks_text_encoders(c)]
-    if without and not opts.quiet:
-        names = " and ".join(c.name for c in without)
-        what = "the UNet and VAE are merged" if len(without) == 2 else "their UNets and VAEs are merged"
-        warn(f"{names} {'has' if len(without) == 1 else 'have'} no text encoder (UNet + VAE only): {what}")
+    if all(lacks_text_encoders(c) for c in (a, b)) and not opts.quiet:  # one of them: check_spec refuses
+        warn(f"{a.name} and {b.name} have no text encoder (UNet + VAE only): the UNets and VAEs are merged")
     if same_files([a.path, b.path]) and not opts.quiet:
         names = f"both {a.name}" if a.name == b.name else f"one file ({a.name} and {b.name})"
         what = "the output is that model" if mode == "align" else "the merge gives that model back"

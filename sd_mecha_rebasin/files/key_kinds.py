@@ -70,7 +70,7 @@ KINDS: tuple[KeyKind, ...] = (
     KeyKind(
         "scheduler", KEPT_FROM_EITHER, "sgm denoiser sigmas (fixed by the schedule)", r"denoiser\.sigmas"
     ),
-    KeyKind("position_ids", EXACT, "CLIP position ids (int64 0..n-1)", r".*\.embeddings\.position_ids"),
+    KeyKind("buffers", EXACT, "CLIP position ids (int64 0..n-1)", r".*\.embeddings\.position_ids"),
     KeyKind("buffers", KEPT_FROM_BASE, "OpenCLIP causal attention mask", r".*\.model\.attn_mask"),
     KeyKind(
         "lcm",
