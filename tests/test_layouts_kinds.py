@@ -65,6 +65,13 @@ def tiny_options(family: str, **kw) -> RunOptions:
     )
 
 
+def permutation_spec_of_sd2_tiny_without_last_layer() -> dict:
+    from sd_mecha_rebasin.architectures import permutation_spec
+
+    shapes = {k: v for k, v in key_shapes("sd2", "tiny").items() if ".resblocks.23." not in k}
+    return permutation_spec("sd2-ldm", arch=arch_overrides("sd2", "tiny"), shapes=shapes).spaces
+
+
 def read_all(path: pathlib.Path) -> dict[str, torch.Tensor]:
     ckpt = open_checkpoint(path)
     return dict(ckpt.iter_tensors(list(ckpt.shapes)))
@@ -187,13 +194,33 @@ def test_sd2_in_hugging_face_layout_under_the_clip_prefix(tmp_path):
 
 
 @pytest.mark.parametrize("hf", [True, False])
-def test_sd2_with_23_text_layers_is_refused(tmp_path, capsys, hf):
-    sd = {k: v for k, v in tiny("sd2", 0).items() if ".resblocks.23." not in k}
-    if hf:
-        sd = quirks.openclip_to_hf(sd, H, "text_encoders.clip_h.transformer.")
-    path = quirks.save(tmp_path / "sd2.safetensors", sd, metadata=None)
+def test_sd2_with_23_text_layers_is_read_and_said(tmp_path, capsys, hf):
+    """SD2 saved through diffusers: 23 text layers (SD2 never runs the 24th). Read as it is, one note,
+    the merge has 23 layers and the right values; 22 layers are refused (never made up)."""
+    models = []
+    for seed in (0, 1):
+        sd = {k: v for k, v in tiny("sd2", seed).items() if ".resblocks.23." not in k}
+        models.append(sd)
+    files = []
+    for name, sd in zip("AB", models):
+        stored = quirks.openclip_to_hf(sd, H, "text_encoders.clip_h.transformer.") if hf else sd
+        files.append(quirks.save(tmp_path / f"{name}.safetensors", stored, metadata=None))
+    opts = dataclasses.replace(tiny_options("sd2"), quiet=False, progress=False)
+    run("average", files[0], files[1], tmp_path / "o.safetensors", opts)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "23 layers" in line]
+    assert len(notes) == 2 and all("diffusers" in n and "not 24" in n for n in notes), notes
+    out = load_file(str(tmp_path / "o.safetensors"))
+    assert not any(".resblocks.23." in k for k in out)
+    key = H + "transformer.resblocks.22.attn.in_proj_weight"
+    assert torch.equal(out[key], torch.lerp(models[0][key], models[1][key], 0.5))
+    if not hf:  # re-basin too: the spec follows the 23 layers present
+        result = run("merge", files[0], files[1], tmp_path / "m.safetensors", tiny_options("sd2"))
+        assert result.permutations == len(permutation_spec_of_sd2_tiny_without_last_layer())
+        assert not any(".resblocks.23." in k for k in load_file(str(tmp_path / "m.safetensors")))
+    short = {k: v for k, v in models[0].items() if ".resblocks.22." not in k}
+    path = quirks.save(tmp_path / "short.safetensors", short, metadata=None)
     rc, _, err = cli(capsys, "inspect", path)
-    one_line_error(rc, err, "sd2.safetensors", "23 layers", "24", "diffusers")
+    one_line_error(rc, err, "short.safetensors", "22 layers", "24", "cannot be made up")
 
 
 def test_diffusers_folder_is_refused_naming_the_conversion(tmp_path, capsys):

@@ -439,6 +439,8 @@ def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
             f"layout:      {layout['source']}: {layout['renamed']} keys renamed (e.g. {layout['example']}), "
             "read as the canonical layout"
         )
+    for note in layout.get("notes", []):
+        click.echo(f"note:        {note}")
     if info["markers"]:
         click.echo("markers:     " + ", ".join(info["markers"]) + f" ({info['prediction']})")
     if info["variant"] is not None:

@@ -218,6 +218,7 @@ def load_inputs(
     validate(b, opts.shapes)
     check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
     warn_extra_bytes((a, b), opts.quiet)
+    warn_layout_notes((a, b), opts.quiet)
     if all(lacks_text_encoders(c) for c in (a, b)) and not opts.quiet:  # one of them: check_spec refuses
         warn(f"{a.name} and {b.name} have no text encoder (UNet + VAE only): the UNets and VAEs are merged")
     if same_files([a.path, b.path]) and not opts.quiet:
@@ -291,6 +292,13 @@ def warn_extra_bytes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
                 f"{ckpt.name}: {ckpt.extra_bytes} byte(s) after or between its tensors belong to no tensor; "
                 "ignored (its header describes every tensor)"
             )
+
+
+def warn_layout_notes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
+    """One warning per note of an input's key layout (`key_layouts.Layout.notes`)."""
+    for ckpt in ckpts if not quiet else []:
+        for note in ckpt.layout.notes if ckpt.layout is not None else []:
+            warn(f"{ckpt.name}: {note}")
 
 
 def _hash_inputs(paths: Sequence[pathlib.Path], stop: threading.Event) -> dict[str, tuple[str, str]]:

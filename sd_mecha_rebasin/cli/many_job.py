@@ -61,6 +61,7 @@ from .jobs import (
     same_files,
     times,
     warn_extra_bytes,
+    warn_layout_notes,
 )
 from .progress import ManyProgress, capture_logging, warn
 
@@ -177,6 +178,7 @@ def load_many(
         if text is not None:
             warn(text)
     warn_extra_bytes(ckpts, opts.quiet)
+    warn_layout_notes(ckpts, opts.quiet)
     for group in same_files([c.path for c in ckpts]) if not opts.quiet else []:
         text = same_file_text([c.path for c in ckpts], group)
         warn(f"{text}: it counts {times(len(group))} in the mean")

@@ -20,9 +20,10 @@ What each layout is, as data:
   `logit_scale`; CLIP-G and CLIP-H in transformers' layout) and `vae.` (LDM VAE names).
 - `OPENCLIP_PREFIXES`: where an OpenCLIP text encoder lives; one stored there in transformers'
   layout (`text_model.encoder.layers.N.self_attn.q_proj`, ...) is converted by `HF_TO_OPENCLIP`.
-  Its layer count must be the family's (`OPENCLIP_LAYERS`): SD2 saved through diffusers has 23
-  layers, not 24 (diffusers drops the last one, which SD2 does not use); such a file is refused,
-  since the missing layer cannot be made up.
+  SD2's layer count is checked (`OPENCLIP_LAYERS`): saved through diffusers it has 23 layers, not
+  24 (diffusers drops the last one, which SD2 never runs: it reads the penultimate layer, and our
+  `sd2-ldm` config marks layer 23 optional). Such a file is read as it is and `Layout.notes` says
+  so (the output has 23 layers too: nothing is made up); fewer layers are refused.
 - A diffusers pipeline folder is refused in one line (`refuse_diffusers_folder`).
 """
 
@@ -70,12 +71,10 @@ PREFIX_RULES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
 for the rule to apply, or None); the first rule whose prefix and condition match renames a key."""
 
 OPENCLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
-OPENCLIP_LAYERS = {"cond_stage_model.model.": 24, "conditioner.embedders.1.model.": 32}
-"""Canonical OpenCLIP prefix -> the family's number of transformer blocks (SD2 H, SDXL G)."""
-OPENCLIP_NAMES = {
-    "cond_stage_model.model.": "SD2's OpenCLIP-H",
-    "conditioner.embedders.1.model.": "SDXL's OpenCLIP-G",
-}
+OPENCLIP_LAYERS = {"cond_stage_model.model.": (24, 23)}
+"""Canonical OpenCLIP prefix -> (the family's transformer blocks, the fewest read: SD2 without its
+unused last block). SDXL's OpenCLIP-G is not checked: sdxl-sgm marks its last block optional."""
+OPENCLIP_NAMES = {"cond_stage_model.model.": "SD2's OpenCLIP-H"}
 
 SD2_HF_UNDER_CLIP_L = ("cond_stage_model.transformer.", "cond_stage_model.model.", 1024)
 """SD2's text encoder saved in transformers' layout under SD1's CLIP prefix: told apart by its
@@ -128,10 +127,12 @@ class Layout:
     """One renaming, "file key -> canonical key"."""
     dropped: list[str]
     """File keys with no canonical counterpart (transformers' `position_ids` of an OpenCLIP encoder)."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the reader wants the user told (one line each), e.g. an SD2 text encoder of 23 layers."""
 
     @property
     def identity(self) -> bool:
-        return not self.names
+        return not self.names and not self.notes
 
     def describe(self) -> dict:
         """What `inspect` shows: the source layout and what was renamed."""
@@ -142,6 +143,7 @@ class Layout:
             "fused": sum(1 for s in self.sources.values() if s.op == "cat"),
             "transposed": sum(1 for s in self.sources.values() if s.op == "t"),
             "dropped": len(self.dropped),
+            "notes": list(self.notes),
         }
 
     def read(
@@ -198,7 +200,7 @@ def plan(
     fused = _hf_openclip(path, sources, shapes, dropped)
     if fused and HF_OPENCLIP not in names:
         names.append(HF_OPENCLIP)
-    _check_openclip_layers(path, sources)
+    notes = _check_openclip_layers(path, sources)
     out_shapes: dict[str, tuple[int, ...]] = {}
     out_dtypes: dict[str, torch.dtype] = {}
     for name, source in sources.items():
@@ -213,7 +215,7 @@ def plan(
     changed = [(s.keys[0], name) for name, s in sources.items() if s.keys != (name,)]
     count = sum(len(s.keys) for name, s in sources.items() if s.keys != (name,))
     example = f"{changed[0][0]} -> {changed[0][1]}" if changed else ""
-    return Layout(names, sources, out_shapes, out_dtypes, count, example, dropped)
+    return Layout(names, sources, out_shapes, out_dtypes, count, example, dropped, notes)
 
 
 def _hf_openclip(
@@ -284,23 +286,28 @@ def _put(path: pathlib.Path, sources: dict[str, Source], name: str, source: Sour
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.")
 
 
-def _check_openclip_layers(path: pathlib.Path, sources: Mapping[str, Source]) -> None:
-    """Refuse an OpenCLIP encoder with fewer blocks than its family's (never invent a layer)."""
-    for prefix, want in OPENCLIP_LAYERS.items():
+def _check_openclip_layers(path: pathlib.Path, sources: Mapping[str, Source]) -> list[str]:
+    """Notes for an SD2 text encoder without its unused last block; UserError for fewer blocks
+    (a layer is never made up)."""
+    notes = []
+    for prefix, (want, fewest) in OPENCLIP_LAYERS.items():
         layers = {
             int(m[1]) for n in sources if n.startswith(prefix) and (m := _RESBLOCK.match(n[len(prefix) :]))
         }
-        if layers and len(layers) != want:
-            why = (
-                " (saved through diffusers, which drops the last layer)"
-                if prefix == "cond_stage_model.model." and len(layers) == want - 1
-                else ""
-            )
+        if not layers or len(layers) == want:
+            continue
+        if len(layers) < fewest or layers != set(range(len(layers))):
             raise UserError(
-                f"its text encoder ({prefix}) has {len(layers)} layers, {OPENCLIP_NAMES[prefix]} has {want}"
-                f"{why}; the missing layers cannot be made up: use a checkpoint with the full text encoder",
+                f"its text encoder ({prefix}) has {len(layers)} layers, {OPENCLIP_NAMES[prefix]} has {want}: "
+                "the missing layers cannot be made up; use a checkpoint with the full text encoder",
                 path,
             )
+        notes.append(
+            f"its text encoder ({prefix}) has {len(layers)} layers, not {want} (saved through diffusers, "
+            "which drops the last one; SD2 never runs it): read as it is, the output has "
+            f"{len(layers)} layers too"
+        )
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
