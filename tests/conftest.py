@@ -16,7 +16,8 @@ UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "full_size: a full-size SD model (GBs of RAM); implies slow, one xdist worker runs them all"
+        "markers",
+        "full_size: a full-size SD model (GBs of RAM); implies slow, one xdist worker runs them all",
     )
 
 

@@ -28,9 +28,9 @@ from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common import events, testhooks
 from ..common.devices import cuda_devices
 from ..common.errors import UserError
+from ..files import key_kinds
 from ..files.checkpoint import (
     FAMILY_NAMES,
-    MARKER_KEYS,
     Checkpoint,
     check_finite,
     check_pair,
@@ -38,6 +38,7 @@ from ..files.checkpoint import (
     detect_family,
     ema_map,
     is_merged_key,
+    merge_policy,
     open_checkpoint,
     register_pickle_format,
     release_pickles,
@@ -224,6 +225,7 @@ def load_inputs(
     validate(b, opts.shapes)
     check_variant_pair(a.name, a.full_shapes(), b.path, b.full_shapes(), mode)
     warn_extra_bytes((a, b), opts.quiet)
+    warn_layout_notes((a, b), opts.quiet)
     if same_files([a.path, b.path]) and not opts.quiet:
         names = f"both {a.name}" if a.name == b.name else f"one file ({a.name} and {b.name})"
         what = "the output is that model" if mode == "align" else "the merge gives that model back"
@@ -301,6 +303,13 @@ def warn_extra_bytes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
             )
 
 
+def warn_layout_notes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
+    """One warning per note of an input's key layout (`key_layouts.Layout.notes`)."""
+    for ckpt in ckpts if not quiet else []:
+        for note in ckpt.layout.notes if ckpt.layout is not None else []:
+            warn(f"{ckpt.name}: {note}")
+
+
 def _hash_inputs(paths: Sequence[pathlib.Path], stop: threading.Event) -> dict[str, tuple[str, str]]:
     return {p.name: (sha256_file(p, stop=stop), legacy_hash(p)) for p in dict.fromkeys(paths)}
 
@@ -372,12 +381,20 @@ def unet_only_note(a: Checkpoint, b: Checkpoint, base: Checkpoint) -> str | None
     if not lacking:
         return None
     if len(lacking) == 2:
+        if all(_has_vae(c) for c in lacking):  # an SDXL file of UNet + VAE
+            return (
+                f"{a.name} and {b.name} have no text encoder (UNet + VAE only): the UNets and VAEs are merged"
+            )
         return f"merged the UNets only: both models are UNet-only (output in the key layout of {base.name})"
     full = b if lacking[0] is a else a
     return (
         f"merged the UNets only: {lacking[0].name} is UNet-only; the text encoders and VAE of "
         f"{full.name} pass through as they are (not aligned)"
     )
+
+
+def _has_vae(ckpt: Checkpoint) -> bool:
+    return any(k.startswith("first_stage_model.") for k in ckpt.canonical.values())
 
 
 def recipe_model(ckpt: Checkpoint, config: str) -> Any:
@@ -390,16 +407,15 @@ def recipe_model(ckpt: Checkpoint, config: str) -> Any:
 
 
 def _kept_category(config: str, key: str) -> str:
-    if key in MARKER_KEYS:
-        return "markers"
+    """The summary's name for a kept key: its `key_kinds` row, else "unknown" / "buffers"."""
     component = component_of_keys_cached(config).get(key)
-    if component == "ema":
-        return "ema"
-    if component == "scheduler":
-        return "scheduler"
-    if component is None:
-        return "unknown"
-    return "buffers"
+    kind = key_kinds.kind_of(key, component)
+    if kind is not None:
+        return kind.name
+    return "unknown" if component is None else "buffers"
+
+
+_policy = merge_policy
 
 
 def assemble(
@@ -430,6 +446,9 @@ def assemble(
     to_keep: list[str] = []
     for key in base.shapes:
         canon = base.canonical.get(key, key)
+        if _policy(config, canon) == key_kinds.DROPPED:
+            kept["dropped"] += 1
+            continue
         if is_merged_key(config, canon, base.dtypes[key]) and canon in merged:
             out[canon] = merged[canon]
         else:
@@ -451,12 +470,25 @@ def assemble(
         if weight and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         out[canon] = tensor
+    from_other = [  # kinds kept from whichever side has them (key_kinds: kept_from_either)
+        k
+        for k in other.shapes
+        if other.canonical.get(k, k) not in out
+        and _policy(config, other.canonical.get(k, k)) == key_kinds.KEPT_FROM_EITHER
+    ]
+    for key, tensor in other.iter_tensors(from_other):
+        out[other.canonical.get(key, key)] = tensor
+        kept[f"{_kept_category(config, other.canonical.get(key, key))} (from {other.name})"] += 1
     repaired = repair_position_ids(config, out)
     if repaired and not opts.quiet:
         warn(f"{base.name}: {'; '.join(repaired)}; the output holds the exact int64 position ids")
     names = ldm_names(config)  # compared in the full config's names: the other may be of another layout
     base_keys = {names.get(k, k) for k in out}
-    left_out = sum(1 for k in other.full_shapes() if k not in base_keys)
+    left_out = sum(
+        1
+        for k in other.full_shapes()
+        if k not in base_keys and _policy(other.full_config, k) != key_kinds.DROPPED
+    )
     return out, dict(kept), left_out
 
 
@@ -578,7 +610,7 @@ def run(
                         "output_dtype": opts.output_dtype,
                         "config_source": config,
                     },
-                    prediction_type="v" if "v_pred" in base.canonical.values() else None,
+                    prediction_type=key_kinds.metadata_prediction(base.canonical.values()),
                 )
                 if demo_layout:
                     metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
@@ -690,6 +722,8 @@ def expected_output_bytes(mode: str, a: Checkpoint, b: Checkpoint, dtype: torch.
     emas = ema_map(base.shapes, [c for c in canon.values() if c.startswith("model.diffusion_model.")])
     total = 0
     for key, shape in base.shapes.items():
+        if _policy(config, canon[key]) == key_kinds.DROPPED:
+            continue
         stored = base.dtypes[key]
         weight = key in emas or is_merged_key(config, canon[key], stored)
         total += math.prod(shape) * (dtype if weight and stored.is_floating_point else stored).itemsize
@@ -726,18 +760,15 @@ def _sweeps(result: Any) -> int:
 
 
 def _warn_prediction_mismatch(mode: str, a: Checkpoint, b: Checkpoint, quiet: bool) -> None:
-    """Warn when one model carries a v-prediction / zero-terminal-SNR marker and the other does not."""
+    """One loud warning when the two models' prediction types (eps, v, EDM, from the markers of
+    `key_kinds`) differ; the merge goes on."""
     if quiet:
         return
-    base = b if mode == "align" else a
-    for marker in ("v_pred", "ztsnr"):
-        in_a, in_b = marker in a.canonical.values(), marker in b.canonical.values()
-        if in_a != in_b:
-            has, lacks = (a, b) if in_a else (b, a)
-            warn(
-                f"{has.name} has the '{marker}' marker and {lacks.name} does not "
-                f"(different prediction types?); the output keeps the markers of {base.name}"
-            )
+    text = key_kinds.prediction_mismatch(
+        a.name, a.canonical.values(), b.name, b.canonical.values(), base_is_a=mode != "align"
+    )
+    if text is not None:
+        warn(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -799,7 +830,20 @@ def describe_checkpoint(
             "parameters": ckpt.parameters(),
             "dtypes": dict(dtypes.most_common()),
             "parts": dict(parts.most_common()),
-            "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
+            "markers": sorted(
+                k for k in ckpt.canonical.values() if getattr(key_kinds.kind_of(k), "name", None) == "markers"
+            ),
+            "prediction": key_kinds.prediction_of(ckpt.canonical.values()),
+            "layout": ckpt.layout.describe()
+            if ckpt.layout is not None
+            else {"source": "canonical", "renamed": 0},
+            "kinds": dict(
+                collections.Counter(
+                    kind.name + " (" + kind.policy + ")"
+                    for k in ckpt.canonical.values()
+                    if (kind := key_kinds.kind_of(k, components.get(k))) is not None
+                )
+            ),
             "unet_only": ckpt.unet_only,
             "variant": variant_of(ckpt.full_shapes()),
             "input_channels": input_channels(ckpt.full_shapes()),

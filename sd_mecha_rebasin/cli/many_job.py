@@ -23,6 +23,7 @@ from typing import Any
 from ..architectures import present_text_encoders
 from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common.errors import UserError
+from ..files import key_kinds
 from ..files.checkpoint import (
     FAMILY_NAMES,
     Checkpoint,
@@ -65,6 +66,7 @@ from .jobs import (
     same_files,
     times,
     warn_extra_bytes,
+    warn_layout_notes,
 )
 from .progress import ManyProgress, capture_logging, warn
 
@@ -202,7 +204,15 @@ def load_many(
     for ckpt in ckpts:
         validate(ckpt, opts.shapes)
     _same_variant(ckpts, ref)
+    for ckpt in ckpts if not opts.quiet else []:  # one warning per input whose prediction type differs
+        base = ckpts[ref]
+        text = key_kinds.prediction_mismatch(
+            base.name, base.canonical.values(), ckpt.name, ckpt.canonical.values()
+        )
+        if text is not None:
+            warn(text)
     warn_extra_bytes(ckpts, opts.quiet)
+    warn_layout_notes(ckpts, opts.quiet)
     for group in same_files([c.path for c in ckpts]) if not opts.quiet else []:
         text = same_file_text([c.path for c in ckpts], group)
         warn(f"{text}: it counts {times(len(group))} in the mean")
@@ -265,7 +275,7 @@ def _metadata(
         merged_from=[c.name for c in ckpts],
         description=f"Git Re-Basin MergeMany by {PACKAGE} {pkg_version}: {terms}, "
         f"every pi aligning into the basis of {ckpts[ref].name}",
-        prediction_type="v" if "v_pred" in ckpts[ref].canonical.values() else None,
+        prediction_type=key_kinds.metadata_prediction(ckpts[ref].canonical.values()),
     )
 
 

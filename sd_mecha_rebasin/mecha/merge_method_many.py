@@ -28,6 +28,8 @@ from torch import Tensor
 
 from ..architectures import permutation_spec
 from ..common.memory import return_freed_memory
+from ..files import key_kinds
+from ..files.checkpoint import merge_policy
 from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
 from ..search.many import STARTS, check_weights, emit_progress, merge_many
 from .merge_method import _arch_lock, _arch_overrides, _compact, _read, _unlimited, bound_keys, ema_targets
@@ -241,8 +243,8 @@ class rebasin_many:
             values = [(i, models[i][key]) for i in sources]
         if member >= 0:
             return values[0][1]
-        if not values[0][1].is_floating_point():
-            return models[ref][key]
+        if not values[0][1].is_floating_point() or merge_policy(config, key) not in (None, key_kinds.MERGED):
+            return models[ref][key]  # integer buffers, and what `key_kinds` keeps from the reference
         total = None
         for i, value in values:
             total = value * w[i] if total is None else total.add_(value, alpha=w[i])
