@@ -21,10 +21,20 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+SLOW_TESTS = frozenset(
+    line.strip()
+    for line in (pathlib.Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+)
+"""Functions out of the fast tier, by their measured time (tools/slow_tests.py writes the list)."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Full-size tests are slow, and share one xdist group: two of them at once could need twice
-    the memory (an SDXL forward-pass proof holds about 10 GB) on CI's 24 GB."""
+    """Listed tests are slow. Full-size tests are slow, and share one xdist group: two of them at
+    once could need twice the memory (an SDXL forward-pass proof holds about 10 GB) on CI's 24 GB."""
     for item in items:
+        if item.nodeid.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("full_size"):
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.xdist_group("full_size"))

@@ -153,7 +153,7 @@ def test_permuting_cross_attention_columns_without_the_text_encoder_is_caught(fa
 FULL_SIZE = [("sd1", "ldm"), ("sd2", "diffusers"), ("sdxl", "diffusers")]
 
 
-@pytest.mark.slow
+@pytest.mark.full_size
 @pytest.mark.parametrize("family,names", FULL_SIZE, ids=lambda c: c)
 def test_full_size_unet_only_permutation_preserves_the_unet(family, names):
     shapes = unet_shapes(family, "full", names)
