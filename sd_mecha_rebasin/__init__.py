@@ -23,6 +23,7 @@ from .common import sd_mecha_compat  # noqa: E402, F401  (torch and sd-mecha: af
 
 _testhooks.pause("importing")
 
+from .files import key_layouts as _key_layouts  # noqa: E402
 from .files.quantized import register_sd_mecha_formats  # noqa: E402
 from .mecha.input_channels import fill_input_channels  # noqa: E402
 from .mecha.merge_method import rebasin  # noqa: E402
@@ -39,8 +40,9 @@ from .search.matching import MatchResult, SweepStats, weight_matching  # noqa: E
 
 register_model_configs()
 register_sd_mecha_formats()  # sd-mecha reads GGUF and fp8 scaled files dequantized (files/quantized.py)
+_key_layouts.register_sd_mecha_formats()  # and other tools' key layouts as canonical (files/key_layouts.py)
 
-from .mecha import blocks, interface  # noqa: E402, F401  (register on import; need the sd2-ldm config above)
+from .mecha import blocks, interface, unet_only  # noqa: E402, F401  (register on import; need the configs above)
 
 __all__ = [
     "ManyResult",

@@ -1,6 +1,7 @@
-"""Make `tests/support` importable as `support` from every test module, and run the fast tier's
-tiny models on one torch thread."""
+"""Make `tests/support` importable as `support` from every test module, run the tiny models on one
+torch thread, and keep the full-size tests on one xdist worker."""
 
+import os
 import pathlib
 import sys
 
@@ -9,14 +10,43 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
+"""README's test command runs one worker per core (`-n auto`); each worker then gets one core."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "full_size: a full-size SD model (GBs of RAM); implies slow, one xdist worker runs them all",
+    )
+
+
+SLOW_TESTS = frozenset(
+    line.strip()
+    for line in (pathlib.Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+)
+"""Functions out of the fast tier, by their measured time (tools/slow_tests.py writes the list)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Listed tests are slow. Full-size tests are slow, and share one xdist group: two of them at
+    once could need twice the memory (an SDXL forward-pass proof holds about 10 GB) on CI's 24 GB."""
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("full_size"):
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("full_size"))
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread_for_tiny_models(request: pytest.FixtureRequest):
     """Tiny tensors gain nothing from intra-op threads, and on 2 cores (shared, or beside the
     package's own worker threads) the threads' spin-waiting makes them many times slower: a tiny
-    SDXL forward pass takes 0.7 s on one thread and 15 s on two on a loaded machine. Tests marked
-    slow (full-size models) keep torch's default."""
-    if request.node.get_closest_marker("slow"):
+    SDXL forward pass takes 0.7 s on one thread and 15 s on two on a loaded machine. Full-size tests
+    keep torch's default when they have the machine to themselves (no xdist workers beside them)."""
+    if request.node.get_closest_marker("full_size") and not UNDER_XDIST:
         yield
         return
     threads = torch.get_num_threads()

@@ -172,11 +172,13 @@ def test_sd1_with_sdxl(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command", ["merge", "align", "merge-many"])
-def test_unet_only_files_are_refused_before_the_merge(tmp_path, monkeypatch, capsys, command):
-    """The permutation rules tie the UNet's cross-attention to the text encoder's stream: a file
-    without the text encoder is named, with the key it lacks, instead of failing mid-merge."""
+def test_a_text_encoder_missing_a_key_is_refused_before_the_merge(tmp_path, monkeypatch, capsys, command):
+    """The permutation rules need every key of a text encoder the file has (a UNet-only file, with
+    none, merges: tests/test_cli_unet_only.py): one missing is named instead of failing mid-merge."""
     monkeypatch.chdir(tmp_path)
-    a = sparse(tmp_path / "a.safetensors", config_shapes("sd1-ldm", ("diffuser",)))
+    layout = config_shapes("sd1-ldm", ("clip_l", "diffuser"))
+    del layout[CLIP + "embeddings.token_embedding.weight"]
+    a = sparse(tmp_path / "a.safetensors", layout)
     b = sparse(tmp_path / "b.safetensors", config_shapes("sd1-ldm", ("clip_l", "diffuser")))
     args = {
         "merge": [a, b],
@@ -188,7 +190,7 @@ def test_unet_only_files_are_refused_before_the_merge(tmp_path, monkeypatch, cap
         rc,
         err,
         1,
-        "a.safetensors: cannot be re-based: it lacks cond_stage_model.transformer.",
+        "a.safetensors: cannot be re-based: it lacks cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
         "(text encoder)",
     )
     only_inputs_left(tmp_path, a, b)

@@ -100,12 +100,12 @@ def _full_size_check(family: str, regenerate: bool) -> float:
     return max_rel_error(reference, run_model(family, "full", permuted, consume=True))
 
 
-@pytest.mark.slow
+@pytest.mark.full_size
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_full_size_permutation_preserves_the_function(family):
     assert _full_size_check(family, regenerate=False) <= LEGAL
 
 
-@pytest.mark.slow
+@pytest.mark.full_size
 def test_full_size_sdxl_permutation_preserves_the_function():
     assert _full_size_check("sdxl", regenerate=True) <= LEGAL

@@ -445,7 +445,7 @@ def test_illegal_permutation_changes_the_function(case: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Full size (CI): the real SD1 architecture with random weights
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.full_size
 def test_full_sd1_forward() -> None:
     start = time.perf_counter()
     sd = random_state_dict(key_shapes("sd1", "full"), seed=0, dtype=torch.float16)

@@ -100,10 +100,23 @@ def test_dispatch_order_prefers_the_inferred_config_then_ours():
         m.identifier
         for m, _ in mecha_interface.dispatch_order(INTERFACE.candidates, "sdxl-sgm", {"git_rebasin_sdxl_sgm"})
     ]
-    assert order == ["git_rebasin_sdxl_sgm", BUILTIN, "git_rebasin_sd1_ldm", "git_rebasin_sd2_ldm"]
+    unet_only = [implementation_identifier(c) for c in mecha_interface.CONFIGS[3:]]  # UNet-only layouts
+    assert order == [
+        "git_rebasin_sdxl_sgm",
+        BUILTIN,
+        "git_rebasin_sd1_ldm",
+        "git_rebasin_sd2_ldm",
+        *unet_only,
+    ]
     ours = {implementation_identifier(c) for c in mecha_interface.CONFIGS}
     order = [m.identifier for m, _ in mecha_interface.dispatch_order(INTERFACE.candidates, None, ours)]
-    assert order == ["git_rebasin_sd1_ldm", "git_rebasin_sd2_ldm", "git_rebasin_sdxl_sgm", BUILTIN]
+    assert order == [
+        "git_rebasin_sd1_ldm",
+        "git_rebasin_sd2_ldm",
+        "git_rebasin_sdxl_sgm",
+        *unet_only,
+        BUILTIN,
+    ]
 
 
 @pytest.mark.parametrize("version", ["1.1.5", "1.2.0", "2.0.0"])

@@ -119,8 +119,16 @@ def test_sd2_config_shapes():
 def test_register_is_idempotent():
     first = _config("sd2-ldm")
     n = len(mecha_configs.get_all())
-    assert rb_configs.register_model_configs() == ["sd2-ldm"]
-    assert rb_configs.register_model_configs() == ["sd2-ldm"]
+    ours = [
+        "sd1-diffusers_unet_only",
+        "sd1-ldm_unet_only",
+        "sd2-diffusers_unet_only",
+        "sd2-ldm",
+        "sd2-ldm_unet_only",
+        "sdxl-sgm_unet_only",
+    ]
+    assert rb_configs.register_model_configs() == ours
+    assert rb_configs.register_model_configs() == ours
     assert _config("sd2-ldm") is first
     assert len(mecha_configs.get_all()) == n
     assert pathlib.Path(first.yaml_config_file).parent == rb_configs.YAML_DIRECTORY

@@ -19,11 +19,15 @@ import torch
 from safetensors.torch import load_file
 from support import quirks
 from support.quirks import DEMO_META, UNET
+from support.unet_only import small_models, unet_of, write_unet_gguf
 
+from sd_mecha_rebasin.architectures import permutation_spec
+from sd_mecha_rebasin.architectures.small import SMALL_ARCH, small_shapes
 from sd_mecha_rebasin.cli.commands import main
 from sd_mecha_rebasin.cli.jobs import RunOptions, run
 from sd_mecha_rebasin.common.errors import UserError
 from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
+from sd_mecha_rebasin.permutations.spec import apply_permutation, invert
 
 FP8 = torch.float8_e4m3fn
 CONVENTIONS = ("legacy", "comfy_quant", "metadata")
@@ -417,11 +421,11 @@ def test_gguf_reads_dequantized_in_original_shapes(tmp_path):
 
 def test_gguf_pair_and_other_ggufs_are_one_line(tmp_path, capsys):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    write_gguf(a, seed=0)
+    write_gguf(a, seed=0)  # a few UNet tensors, no cross-attention: not a whole UNet
     write_gguf(b, seed=1)
     out = tmp_path / "m.safetensors"
     rc, _, err = cli(capsys, "merge", a, b, "-o", out)
-    one_line_error(rc, err, "a.gguf", "UNet-only")
+    one_line_error(rc, err, "a.gguf", "UNet-only", "cross-attention")
     assert not out.exists()
 
     flux = tmp_path / "flux.gguf"
@@ -440,8 +444,26 @@ def test_gguf_pair_and_other_ggufs_are_one_line(tmp_path, capsys):
     one_line_error(rc, err, "broken.gguf", "GGUF")
 
 
-def test_gguf_detection_message_until_unet_only_merging(tmp_path):
-    path = tmp_path / "u.gguf"
-    write_gguf(path)
-    with pytest.raises(UserError, match="UNet-only"):
-        detect_family(open_checkpoint(path))
+def test_gguf_pair_merges_to_safetensors_in_bare_layout(tmp_path):
+    """Two GGUF UNets (Q8_0 matrices) merge: detected as UNet-only, read dequantized, re-based, and
+    written as safetensors in the GGUF's own (bare LDM) names; the values are the mean in A's basis."""
+    full, b_unet, hidden = small_models()
+    a, b, out = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "m.safetensors"
+    a_values = write_unet_gguf(a, unet_of(full))
+    b_values = write_unet_gguf(b, b_unet)
+    # A GGUF carries no demo mark: the small layout's shapes and facts are given, as for any small model.
+    opts = RunOptions(arch=SMALL_ARCH, shapes=small_shapes(), output_dtype="fp32", quiet=True, progress=False)
+    assert detect_family(open_checkpoint(a)) == "sd1-ldm_unet_only"
+    result = run("merge", a, b, out, opts)
+    assert result.config == "sd1-ldm_unet_only" and result.units_moved > 0
+    merged = load_file(out)
+    assert set(merged) == set(a_values)
+    # Q8_0 rounds A and pi(B) differently, so the merge is their mean in A's basis, not A itself.
+    spec = permutation_spec(
+        "sd1-ldm_unet_only", arch=SMALL_ARCH, shapes={k: tuple(v.shape) for k, v in b_values.items()}
+    )
+    b_in_a = apply_permutation(spec, invert(hidden), b_values)
+    expected = {k: (a_values[k] + b_in_a[k]) / 2 for k in a_values}
+    assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+    plain = {k: (a_values[k] + b_values[k]) / 2 for k in a_values}
+    assert max(float((merged[k] - plain[k]).abs().max()) for k in expected) > 0.1  # re-based, not averaged

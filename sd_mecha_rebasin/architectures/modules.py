@@ -110,7 +110,7 @@ def attention(
     for proj, units, inp in ((q, qk, query), (k, qk, context), (v, vo, context)):
         b.bind(proj + "weight", 0, space, units)
         b.bind(proj + "bias", 0, space, units)
-        b.bind_concat(proj + "weight", 1, inp)
+        b.bind_concat(proj + "weight", 1, inp)  # no context streams (UNet-only): columns stay
     b.bind(o + "weight", 1, space, vo)
     linear(b, o, None, out)
 

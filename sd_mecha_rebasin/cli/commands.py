@@ -55,7 +55,9 @@ def _print_result(res: RunResult, as_json: bool, quiet: bool) -> None:
         labels = {
             "ema": "EMA weights",
             "scheduler": "scheduler buffers",
-            "markers": "v-prediction markers",
+            "markers": "prediction markers",
+            "dropped": "extra keys dropped (not part of the canonical layout)",
+            "lcm": "LCM guidance projection",
             "buffers": "integer buffers",
             "unknown": "keys sd-mecha does not know",
             "weights": f"weights {other} lacks",
@@ -461,8 +463,16 @@ def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
     click.echo(f"keys:        {info['keys']} ({info['parameters']:,} parameters)")
     click.echo("dtypes:      " + ", ".join(f"{k} ({n})" for k, n in info["dtypes"].items()))
     click.echo("parts:       " + ", ".join(f"{k} ({n})" for k, n in info["parts"].items()))
+    layout = info["layout"]
+    if layout["source"] != "canonical":
+        click.echo(
+            f"layout:      {layout['source']}: {layout['renamed']} keys renamed (e.g. {layout['example']}), "
+            "read as the canonical layout"
+        )
+    for note in layout.get("notes", []):
+        click.echo(f"note:        {note}")
     if info["markers"]:
-        click.echo("markers:     " + ", ".join(info["markers"]))
+        click.echo("markers:     " + ", ".join(info["markers"]) + f" ({info['prediction']})")
     if info["variant"] is not None:
         click.echo(f"variant:     {info['variant']} ({info['input_channels']} UNet input channels)")
     if info["quantization"]:

@@ -28,9 +28,9 @@ from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common import events, testhooks
 from ..common.devices import cuda_devices
 from ..common.errors import UserError
+from ..files import key_kinds
 from ..files.checkpoint import (
     FAMILY_NAMES,
-    MARKER_KEYS,
     Checkpoint,
     check_finite,
     check_pair,
@@ -38,6 +38,7 @@ from ..files.checkpoint import (
     detect_family,
     ema_map,
     is_merged_key,
+    merge_policy,
     open_checkpoint,
     register_pickle_format,
     release_pickles,
@@ -48,6 +49,7 @@ from ..files.repairs import repair_position_ids
 from ..files.variants import check_variant_pair, input_channels, variant_of
 from ..mecha.blocks import Alpha
 from ..mecha.input_channels import fill_input_channels
+from ..model_configs.unet_only import ldm_names
 from .progress import Progress, capture_logging, warn
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -117,6 +119,11 @@ class RunResult:
     kept: dict[str, int]
     left_out: int
     perms: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+    merged_parts: str | None = None
+    """One line on what was merged where a model is UNet-only (`unet_only_note`); None otherwise."""
+    kept_from: str = "A"
+    """The input ("A" or "B") whose keys and layout the output has (B for an alignment, and for a
+    merge of a UNet-only A with a full B)."""
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -140,6 +147,8 @@ class RunResult:
             "output_bytes": self.output_bytes,
             "kept_keys": self.kept,
             "left_out_keys": self.left_out,
+            "merged_parts": self.merged_parts,
+            "layout_from": self.kept_from,
             "peak_rss_bytes": peak_rss_bytes(),
         }
         if self.alpha is None:
@@ -214,8 +223,9 @@ def load_inputs(
         opts = dataclasses.replace(opts, arch=SMALL_ARCH, shapes=small_shapes())
     validate(a, opts.shapes)
     validate(b, opts.shapes)
-    check_variant_pair(a.name, a.canonical_shapes(), b.path, b.canonical_shapes(), mode)
+    check_variant_pair(a.name, a.full_shapes(), b.path, b.full_shapes(), mode)
     warn_extra_bytes((a, b), opts.quiet)
+    warn_layout_notes((a, b), opts.quiet)
     if same_files([a.path, b.path]) and not opts.quiet:
         names = f"both {a.name}" if a.name == b.name else f"one file ({a.name} and {b.name})"
         what = "the output is that model" if mode == "align" else "the merge gives that model back"
@@ -223,24 +233,28 @@ def load_inputs(
     return a, b, opts
 
 
-def check_spec(ckpt: Checkpoint, opts: RunOptions) -> None:
-    """Refuse, before the merge, a model whose permutation spec cannot be built from its keys.
+def check_spec(ckpt: Checkpoint, opts: RunOptions, others: Sequence[Checkpoint] = ()) -> None:
+    """Refuse, before the merge, a model whose permutation spec cannot be built from its keys
+    (milliseconds: the spec is built from the header's shapes). Raises UserError naming the file
+    and the missing key.
 
-    A UNet-only file is the usual case: the rules tie the UNet's cross-attention columns to the
-    text encoder's residual stream, so they need the text encoder's keys (milliseconds: the spec
-    is built from the header's shapes). Raises UserError naming the file and the missing key.
+    The text encoders take part only where every model of the merge (`ckpt` and `others`) has
+    them, as the merge method decides (`present_text_encoders`): with a UNet-only model, only the
+    UNets are re-based, and the cross-attention columns that read the text encoder stay as they are.
     """
-    from ..architectures import permutation_spec
+    from ..architectures import permutation_spec, present_text_encoders
     from ..permutations.spec import MissingKeyError
 
     assert ckpt.config is not None
+    shapes = ckpt.canonical_shapes()
+    encoders = present_text_encoders(ckpt.config, shapes, *(o.canonical_shapes() for o in others))
     try:
-        permutation_spec(ckpt.config, arch=opts.arch, shapes=ckpt.canonical_shapes())
+        permutation_spec(ckpt.config, arch=opts.arch, shapes=shapes, text_encoders=encoders)
     except MissingKeyError as e:
-        part = "text encoder" if not e.key.startswith("model.diffusion_model.") else "UNet"
+        part = "UNet" if e.key.startswith("model.diffusion_model.") or ckpt.unet_only else "text encoder"
         raise UserError(
-            f"cannot be re-based: it lacks {e.key} ({part}); re-basin needs the UNet and the text "
-            "encoder(s) together (UNet-only files are not supported)",
+            f"cannot be re-based: it lacks {e.key} ({part}); the permutation rules need every "
+            f"{part} key of {ckpt.family}",
             ckpt.path,
         ) from None
     except ValueError as e:
@@ -287,6 +301,13 @@ def warn_extra_bytes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
                 f"{ckpt.name}: {ckpt.extra_bytes} byte(s) after or between its tensors belong to no tensor; "
                 "ignored (its header describes every tensor)"
             )
+
+
+def warn_layout_notes(ckpts: Sequence[Checkpoint], quiet: bool) -> None:
+    """One warning per note of an input's key layout (`key_layouts.Layout.notes`)."""
+    for ckpt in ckpts if not quiet else []:
+        for note in ckpt.layout.notes if ckpt.layout is not None else []:
+            warn(f"{ckpt.name}: {note}")
 
 
 def _hash_inputs(paths: Sequence[pathlib.Path], stop: threading.Event) -> dict[str, tuple[str, str]]:
@@ -340,23 +361,61 @@ def _arch(config: str, arch: Mapping[str, Mapping[str, Any]] | None) -> contextl
     return arch_override(config, arch)
 
 
-def _perm_spec(config: str, opts: RunOptions):
+def _perm_spec(config: str, opts: RunOptions, text_encoders: Sequence[str] | None = None):
     from ..architectures import permutation_spec
 
-    return permutation_spec(config, arch=opts.arch, shapes=opts.shapes)
+    return permutation_spec(config, arch=opts.arch, shapes=opts.shapes, text_encoders=text_encoders)
+
+
+def layout_base(mode: str, a: Checkpoint, b: Checkpoint) -> Checkpoint:
+    """The input whose keys, layout and config the output has: B for an alignment; for a merge A,
+    unless A is UNet-only and B is not (the full model's text encoders and VAE pass through)."""
+    if mode == "align" or (a.unet_only and not b.unet_only):
+        return b
+    return a
+
+
+def unet_only_note(a: Checkpoint, b: Checkpoint, base: Checkpoint) -> str | None:
+    """What a merge with a UNet-only model merges, in one line (None when neither is UNet-only)."""
+    lacking = [c for c in (a, b) if c.unet_only]
+    if not lacking:
+        return None
+    if len(lacking) == 2:
+        if all(_has_vae(c) for c in lacking):  # an SDXL file of UNet + VAE
+            return (
+                f"{a.name} and {b.name} have no text encoder (UNet + VAE only): the UNets and VAEs are merged"
+            )
+        return f"merged the UNets only: both models are UNet-only (output in the key layout of {base.name})"
+    full = b if lacking[0] is a else a
+    return (
+        f"merged the UNets only: {lacking[0].name} is UNet-only; the text encoders and VAE of "
+        f"{full.name} pass through as they are (not aligned)"
+    )
+
+
+def _has_vae(ckpt: Checkpoint) -> bool:
+    return any(k.startswith("first_stage_model.") for k in ckpt.canonical.values())
+
+
+def recipe_model(ckpt: Checkpoint, config: str) -> Any:
+    """`sd_mecha.model` of a checkpoint in `config`'s key names (converted from a UNet-only layout
+    through `mecha.unet_only`'s conversions where its own config differs)."""
+    import sd_mecha
+
+    node = sd_mecha.model(str(ckpt.path.resolve()), ckpt.config)
+    return node if ckpt.config == config else sd_mecha.convert(node, config)
 
 
 def _kept_category(config: str, key: str) -> str:
-    if key in MARKER_KEYS:
-        return "markers"
+    """The summary's name for a kept key: its `key_kinds` row, else "unknown" / "buffers"."""
     component = component_of_keys_cached(config).get(key)
-    if component == "ema":
-        return "ema"
-    if component == "scheduler":
-        return "scheduler"
-    if component is None:
-        return "unknown"
-    return "buffers"
+    kind = key_kinds.kind_of(key, component)
+    if kind is not None:
+        return kind.name
+    return "unknown" if component is None else "buffers"
+
+
+_policy = merge_policy
 
 
 def assemble(
@@ -378,7 +437,8 @@ def assemble(
     in the other model are left out (returned as a count). CLIP `position_ids` are always the exact
     int64 0..76, added or replaced with a warning when the base model's are missing or broken.
     """
-    base, other = (b, a) if mode == "align" else (a, b)
+    base = layout_base(mode, a, b)
+    other = a if base is b else b
     config = base.config
     assert config is not None
     out: dict[str, torch.Tensor] = {}
@@ -386,6 +446,9 @@ def assemble(
     to_keep: list[str] = []
     for key in base.shapes:
         canon = base.canonical.get(key, key)
+        if _policy(config, canon) == key_kinds.DROPPED:
+            kept["dropped"] += 1
+            continue
         if is_merged_key(config, canon, base.dtypes[key]) and canon in merged:
             out[canon] = merged[canon]
         else:
@@ -407,11 +470,25 @@ def assemble(
         if weight and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         out[canon] = tensor
+    from_other = [  # kinds kept from whichever side has them (key_kinds: kept_from_either)
+        k
+        for k in other.shapes
+        if other.canonical.get(k, k) not in out
+        and _policy(config, other.canonical.get(k, k)) == key_kinds.KEPT_FROM_EITHER
+    ]
+    for key, tensor in other.iter_tensors(from_other):
+        out[other.canonical.get(key, key)] = tensor
+        kept[f"{_kept_category(config, other.canonical.get(key, key))} (from {other.name})"] += 1
     repaired = repair_position_ids(config, out)
     if repaired and not opts.quiet:
         warn(f"{base.name}: {'; '.join(repaired)}; the output holds the exact int64 position ids")
-    base_keys = set(out)
-    left_out = sum(1 for k in other.shapes if other.canonical.get(k, k) not in base_keys)
+    names = ldm_names(config)  # compared in the full config's names: the other may be of another layout
+    base_keys = {names.get(k, k) for k in out}
+    left_out = sum(
+        1
+        for k in other.full_shapes()
+        if k not in base_keys and _policy(other.full_config, k) != key_kinds.DROPPED
+    )
     return out, dict(kept), left_out
 
 
@@ -440,7 +517,7 @@ def run(
     opts = dataclasses.replace(opts, device=device)
     dtype = DTYPES[opts.output_dtype]
     a, b, opts = load_inputs(a_path, b_path, opts, mode)
-    alpha_node, alpha_shown = _alpha(alpha, a.config)
+    alpha_node, alpha_shown = _alpha(alpha, layout_base(mode, a, b).config)  # the recipe's config
     for ckpt in (a, b):
         if output.resolve() == ckpt.path.resolve():
             raise UserError(f"is an input ({'A' if ckpt is a else 'B'}); choose another output file", output)
@@ -460,12 +537,16 @@ def run(
             _warn_prediction_mismatch(mode, a, b, opts.quiet)
             if mode != "average":
                 for ckpt in (a, b):
-                    check_spec(ckpt, opts)
+                    check_spec(ckpt, opts, [b if ckpt is a else a])
+            base = layout_base(mode, a, b)
+            parts = unet_only_note(a, b, base)
+            if parts is not None and not opts.quiet:
+                warn(parts)
 
-            config = a.config
+            config = base.config
             assert config is not None
-            model_a = sd_mecha.model(str(a.path.resolve()), config)
-            model_b = sd_mecha.model(str(b.path.resolve()), config)
+            model_a = recipe_model(a, config)
+            model_b = recipe_model(b, config)
             if mode in ("average", "merge"):
                 other = model_b if mode == "average" else _rebasin_node(model_b, model_a, opts)
                 if (input_channels(a.canonical_shapes()) or 0) > (input_channels(b.canonical_shapes()) or 0):
@@ -500,7 +581,7 @@ def run(
             tensors, kept, left_out = assemble(mode, a, b, merged, dtype, perms, opts)
             merged.clear()
             if left_out and not opts.quiet:
-                other, base = (a, b) if mode == "align" else (b, a)
+                other = a if base is b else b
                 warn(
                     f"{left_out} key(s) only in {other.name} left out (the output has the keys of {base.name})"
                 )
@@ -529,9 +610,7 @@ def run(
                         "output_dtype": opts.output_dtype,
                         "config_source": config,
                     },
-                    prediction_type="v"
-                    if "v_pred" in (b if mode == "align" else a).canonical.values()
-                    else None,
+                    prediction_type=key_kinds.metadata_prediction(base.canonical.values()),
                 )
                 if demo_layout:
                     metadata[DEMO_LAYOUT_KEY] = DEMO_LAYOUT
@@ -569,6 +648,8 @@ def run(
         kept=kept,
         left_out=left_out,
         perms=perms,
+        merged_parts=parts,
+        kept_from="B" if base is b else "A",
     )
 
 
@@ -634,13 +715,15 @@ def expected_output_bytes(mode: str, a: Checkpoint, b: Checkpoint, dtype: torch.
     """The tensor data `assemble` will write, in bytes, from the base model's header (A; B for an
     alignment): weights that take part in the merge and EMA copies of UNet weights in `dtype`,
     everything else as stored. The header and metadata (kilobytes) are not counted."""
-    base = b if mode == "align" else a
+    base = layout_base(mode, a, b)
     config = base.config
     assert config is not None
     canon = {key: base.canonical.get(key, key) for key in base.shapes}
     emas = ema_map(base.shapes, [c for c in canon.values() if c.startswith("model.diffusion_model.")])
     total = 0
     for key, shape in base.shapes.items():
+        if _policy(config, canon[key]) == key_kinds.DROPPED:
+            continue
         stored = base.dtypes[key]
         weight = key in emas or is_merged_key(config, canon[key], stored)
         total += math.prod(shape) * (dtype if weight and stored.is_floating_point else stored).itemsize
@@ -677,18 +760,15 @@ def _sweeps(result: Any) -> int:
 
 
 def _warn_prediction_mismatch(mode: str, a: Checkpoint, b: Checkpoint, quiet: bool) -> None:
-    """Warn when one model carries a v-prediction / zero-terminal-SNR marker and the other does not."""
+    """One loud warning when the two models' prediction types (eps, v, EDM, from the markers of
+    `key_kinds`) differ; the merge goes on."""
     if quiet:
         return
-    base = b if mode == "align" else a
-    for marker in ("v_pred", "ztsnr"):
-        in_a, in_b = marker in a.canonical.values(), marker in b.canonical.values()
-        if in_a != in_b:
-            has, lacks = (a, b) if in_a else (b, a)
-            warn(
-                f"{has.name} has the '{marker}' marker and {lacks.name} does not "
-                f"(different prediction types?); the output keeps the markers of {base.name}"
-            )
+    text = key_kinds.prediction_mismatch(
+        a.name, a.canonical.values(), b.name, b.canonical.values(), base_is_a=mode != "align"
+    )
+    if text is not None:
+        warn(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,9 +830,23 @@ def describe_checkpoint(
             "parameters": ckpt.parameters(),
             "dtypes": dict(dtypes.most_common()),
             "parts": dict(parts.most_common()),
-            "markers": sorted(k for k in ckpt.canonical.values() if k in MARKER_KEYS),
-            "variant": variant_of(ckpt.canonical_shapes()),
-            "input_channels": input_channels(ckpt.canonical_shapes()),
+            "markers": sorted(
+                k for k in ckpt.canonical.values() if getattr(key_kinds.kind_of(k), "name", None) == "markers"
+            ),
+            "prediction": key_kinds.prediction_of(ckpt.canonical.values()),
+            "layout": ckpt.layout.describe()
+            if ckpt.layout is not None
+            else {"source": "canonical", "renamed": 0},
+            "kinds": dict(
+                collections.Counter(
+                    kind.name + " (" + kind.policy + ")"
+                    for k in ckpt.canonical.values()
+                    if (kind := key_kinds.kind_of(k, components.get(k))) is not None
+                )
+            ),
+            "unet_only": ckpt.unet_only,
+            "variant": variant_of(ckpt.full_shapes()),
+            "input_channels": input_channels(ckpt.full_shapes()),
             "extra_bytes": ckpt.extra_bytes,
             "modelspec": {
                 k: v
@@ -763,7 +857,9 @@ def describe_checkpoint(
             "problem": problem,
         }
         if problem is None:
-            spec = _perm_spec(config, opts)
+            from ..architectures import present_text_encoders
+
+            spec = _perm_spec(config, opts, present_text_encoders(config, ckpt.canonical_shapes()))
             info["spec"] = spec.describe(verbose=verbose)
             info["spec_summary"] = spec.summary()
             info["permuted_keys"] = sum(1 for k in ckpt.canonical.values() if k in spec.axes)

@@ -20,8 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..architectures import present_text_encoders
 from ..architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY
 from ..common.errors import UserError
+from ..files import key_kinds
 from ..files.checkpoint import (
     FAMILY_NAMES,
     Checkpoint,
@@ -64,6 +66,7 @@ from .jobs import (
     same_files,
     times,
     warn_extra_bytes,
+    warn_layout_notes,
 )
 from .progress import ManyProgress, capture_logging, warn
 
@@ -160,11 +163,27 @@ def _odd_family(ckpts: Sequence[Checkpoint], ref: int) -> None:
     for ckpt in ckpts:
         if ckpt.config != majority:
             example = next(c for c in ckpts if c.config == majority)
+            if ckpt.full_config == example.full_config:  # one family, two key layouts
+                raise UserError(
+                    f"has the key layout of {ckpt.config} but {example.name} has that of {majority}; "
+                    "merge-many takes models of one key layout (convert them, or merge pairs with merge)",
+                    ckpt.path,
+                )
             raise UserError(
                 f"is {ckpt.family} ({ckpt.config}) but {example.name} is {example.family} ({majority})"
                 f"{' like the other inputs' if counts[majority] > 1 else ''}; all models must be of the same family",
                 ckpt.path,
             )
+    kinds = {c.unet_only for c in ckpts}
+    if len(kinds) > 1:  # MergeMany averages every key over all models: one kind only
+        odd = next(c for c in ckpts if c.unet_only != ckpts[ref].unet_only)
+        example = ckpts[ref]
+        what = "is UNet-only" if odd.unet_only else "has text encoders"
+        raise UserError(
+            f"{what} but {example.name} {'has text encoders' if odd.unet_only else 'is UNet-only'}; "
+            "merge-many takes all UNet-only models or all full checkpoints (merge pairs of the two with merge)",
+            odd.path,
+        )
 
 
 def load_many(
@@ -188,7 +207,15 @@ def load_many(
     for ckpt in ckpts:
         validate(ckpt, opts.shapes)
     _same_variant(ckpts, ref)
+    for ckpt in ckpts if not opts.quiet else []:  # one warning per input whose prediction type differs
+        base = ckpts[ref]
+        text = key_kinds.prediction_mismatch(
+            base.name, base.canonical.values(), ckpt.name, ckpt.canonical.values()
+        )
+        if text is not None:
+            warn(text)
     warn_extra_bytes(ckpts, opts.quiet)
+    warn_layout_notes(ckpts, opts.quiet)
     for group in same_files([c.path for c in ckpts]) if not opts.quiet else []:
         text = same_file_text([c.path for c in ckpts], group)
         warn(f"{text}: it counts {times(len(group))} in the mean")
@@ -251,7 +278,7 @@ def _metadata(
         merged_from=[c.name for c in ckpts],
         description=f"Git Re-Basin MergeMany by {PACKAGE} {pkg_version}: {terms}, "
         f"every pi aligning into the basis of {ckpts[ref].name}",
-        prediction_type="v" if "v_pred" in ckpts[ref].canonical.values() else None,
+        prediction_type=key_kinds.metadata_prediction(ckpts[ref].canonical.values()),
     )
 
 
@@ -374,8 +401,11 @@ def merge_many_files(
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
             for ckpt in ckpts:
-                check_spec(ckpt, opts)
-            spec = _perm_spec(config, opts)
+                check_spec(ckpt, opts, ckpts)
+            # Text encoders take part only if every input has them (UNet-only inputs: none).
+            spec = _perm_spec(
+                config, opts, present_text_encoders(config, *(c.canonical_shapes() for c in ckpts))
+            )
             models = [FileStateDict(c) for c in ckpts]
             t_align = time.perf_counter()
             with capture_logging(opts.quiet), _out_of_range(ckpts):

@@ -6,12 +6,13 @@ minutes later inside sd-mecha. `UserError` is the one exception type for such pr
 
 Key policy (see `is_merged_key` and `jobs.assemble`): the output has the key layout of the base
 model (A for a merge, B for an alignment). The config's floating-point weights (text encoders,
-UNet, VAE) present in both models are merged; everything else of the base model is kept as it is:
-EMA weights (cast to the output dtype; permuted like the UNet weights they copy in an alignment),
-scheduler buffers, v-prediction markers (`v_pred`, `ztsnr`, `edm_vpred.*`), integer buffers and
-keys sd-mecha's config does not know (these keep their stored dtype), and weights the other model
-lacks. Keys only in the other model are left out, with a warning. Keys under the UNet or
-text-encoder prefixes that the config does not know are refused (they would stay unpermuted).
+UNet, VAE) present in both models are merged; every key that is not a plain weight follows its row
+of `key_kinds.KINDS` (EMA weights, scheduler buffers, markers, position ids, extra projections,
+...); keys sd-mecha's config does not know are kept from the base model with their stored dtype, and
+so are weights the other model lacks. Other keys only in the other model are left out, with a
+warning. Keys under the UNet or text-encoder prefixes that neither the config nor the table knows
+are refused (they would stay unpermuted). Files in other tools' key layouts are read as canonical
+(`key_layouts`), before detection.
 
 Legacy `.ckpt` / `.pt` / `.pth` pickles are read with `torch.load(weights_only=True)` (memory-mapped
 when the file is in the zip format) and handed to sd-mecha through a model format registered by
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 
 from ..common.errors import UserError
-from . import quantized, safetensors_file
+from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, full_config, ldm_names, unet_only_config
+from . import key_kinds, key_layouts, quantized, safetensors_file
 from .safetensors_file import HeaderError, pickle_signature
 from .variants import same_but_input_channels, variant_shape_ok
 
@@ -41,12 +43,14 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 FAMILY_NAMES = {"sd1-ldm": "SD1", "sd2-ldm": "SD2", "sdxl-sgm": "SDXL"}
-"""sd-mecha config identifier -> the family name shown to users."""
+FAMILY_NAMES.update({ident: FAMILY_NAMES[layout.full] for ident, layout in UNET_ONLY_LAYOUTS.items()})
+"""sd-mecha config identifier -> the family name shown to users (a UNet-only config: its family's)."""
 
-MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max"})
-"""Flags and constants that describe how a model is sampled, not weights (SDXL v-prediction etc.)."""
-
-_KEPT_COMPONENTS = frozenset({"ema", "scheduler"})
+MARKER_KEYS = frozenset(
+    {"v_pred", "ztsnr", "edm_vpred.sigma_min", "edm_vpred.sigma_max", "edm_mean", "edm_std"}
+)
+"""Flags and constants that describe how a model is sampled, not weights (the "markers" rows of
+`key_kinds.KINDS`, which says what a merge does with them)."""
 
 
 @dataclasses.dataclass
@@ -70,6 +74,9 @@ class Checkpoint:
     quantized: quantized.ScaledFp8File | quantized.GGUFFile | None = None
     """The dequantizing reader of a quantized file (fp8 scaled, GGUF; `files/quantized.py`): then
     `shapes`/`dtypes` are what it yields (dequantized weights float32, scale keys absent)."""
+    layout: key_layouts.Layout | None = None
+    """How a file saved in another tool's key layout is read (`files/key_layouts.py`): then
+    `shapes`/`dtypes` are in the canonical layout and `iter_tensors` yields canonical keys."""
 
     @property
     def extra_bytes(self) -> int:
@@ -87,7 +94,32 @@ class Checkpoint:
     def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.canonical.get(k, k): s for k, s in self.shapes.items()}
 
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """`canonical_shapes` in the names of the full config (a UNet-only file's keys renamed to
+        `model.diffusion_model.` LDM names), so that files of two layouts can be compared."""
+        names = ldm_names(self.config or "")
+        return {names.get(k, k): s for k, s in self.canonical_shapes().items()}
+
+    @property
+    def full_config(self) -> str:
+        """The full config of its family (sd1-ldm, sd2-ldm, sdxl-sgm), whatever its layout."""
+        return full_config(self.config or "")
+
+    @property
+    def unet_only(self) -> bool:
+        """A UNet without text encoders: a UNet-only config, or a full config's UNet alone."""
+        from ..architectures import present_text_encoders
+
+        return self.config is not None and not present_text_encoders(self.config, self.canonical_shapes())
+
     def iter_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for `keys` (names of `shapes`: canonical when the file's layout is not)."""
+        if self.layout is not None:
+            yield from self.layout.read(keys, self._iter_file_tensors)
+            return
+        yield from self._iter_file_tensors(keys)
+
+    def _iter_file_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.kind == "pickle":
             sd = load_pickle(self.path)
             for key in keys:
@@ -124,9 +156,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     recognised as a PyTorch checkpoint by its full signature (`safetensors_file.pickle_signature`).
     """
     path = pathlib.Path(path)
+    ckpt = _open_file(path)
+    layout = key_layouts.plan(path, ckpt.shapes, ckpt.dtypes)
+    if not layout.identity:
+        ckpt.layout, ckpt.shapes, ckpt.dtypes = layout, layout.shapes, layout.dtypes
+    return ckpt
+
+
+def _open_file(path: pathlib.Path) -> Checkpoint:
+    """`open_checkpoint` in the file's own key names."""
     if not path.exists():
         raise UserError("no such file", path)
     if path.is_dir():
+        key_layouts.refuse_diffusers_folder(path)
         raise UserError("is a directory, not a checkpoint file", path)
     if not os.access(path, os.R_OK):
         raise UserError("permission denied (not readable)", path)
@@ -313,14 +355,12 @@ _OTHER_KINDS: list[tuple[str, str]] = [
     (r"joint_blocks\.", "a Stable Diffusion 3 model"),
     (r"(^|\.)double_blocks\.", "a FLUX model"),
     (
-        r"^(unet\.)?(down_blocks|up_blocks|mid_block)\.",
-        "a diffusers-format UNet (convert it to a single-file checkpoint)",
+        r"^unet\.(down_blocks|up_blocks|mid_block)\.",
+        "a diffusers UNet under a unet. prefix (save it without the prefix)",
     ),
+    (r"^(down_blocks|up_blocks|mid_block)\.", "an incomplete diffusers UNet (no conv_in.weight)"),
     (r"^(text_model|text_encoder)\.", "a text encoder only"),
-    (
-        r"^(input_blocks|middle_block|output_blocks)\.",
-        "a UNet-only file (LDM names without model.diffusion_model.; not supported yet)",
-    ),
+    (r"^(input_blocks|middle_block|output_blocks)\.", "an incomplete UNet (no input_blocks.0.0.weight)"),
     (r"^(first_stage_model\.)?(encoder|decoder)\.(conv_in|down|up|mid)", "a VAE only"),
 ]
 
@@ -335,6 +375,19 @@ def _what_else(keys: Iterable[str]) -> str:
     return f"an unrecognised model ({len(keys)} tensors, e.g. {sample})"
 
 
+GGUF_FAMILIES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+"""GGUF `general.architecture` -> full config: the family of a GGUF UNet whose width tells none."""
+
+
+def _family_hint(ckpt: Checkpoint) -> str | None:
+    """The family a file says it is, beside its shapes: a GGUF's architecture, the demo's mark."""
+    from ..architectures.small import CONFIG, DEMO_LAYOUT, DEMO_LAYOUT_KEY
+
+    if isinstance(ckpt.quantized, quantized.GGUFFile):
+        return GGUF_FAMILIES.get(ckpt.quantized.architecture)
+    return CONFIG if ckpt.metadata.get(DEMO_LAYOUT_KEY) == DEMO_LAYOUT else None
+
+
 def detect_family(ckpt: Checkpoint) -> str:
     """Set and return `ckpt.config` (sd1-ldm, sd2-ldm or sdxl-sgm); UserError for anything else."""
     from sd_mecha.extensions import model_configs
@@ -344,7 +397,14 @@ def detect_family(ckpt: Checkpoint) -> str:
     register_model_configs()
     keys = ckpt.shapes
     unet = "model.diffusion_model."
-    if not any(k.startswith(unet) for k in keys):
+    if not any(k.startswith(unet) for k in keys):  # a UNet-only layout (model_configs/unet_only.py)?
+        try:
+            config = unet_only_config(keys, _family_hint(ckpt))
+        except ValueError as e:
+            raise UserError(f"is {e}", ckpt.path) from None
+        if config is not None:
+            ckpt.config, ckpt.canonical = config, {k: k for k in keys}
+            return config
         raise UserError(f"not a Stable Diffusion checkpoint: looks like {_what_else(keys)}", ckpt.path)
     if any(k.startswith(unet + "joint_blocks.") for k in keys):
         raise UserError("is a Stable Diffusion 3 model; only SD1, SD2 and SDXL are supported", ckpt.path)
@@ -361,6 +421,8 @@ def detect_family(ckpt: Checkpoint) -> str:
                 config = "sd2-ldm"
             elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
                 config = "sd1-ldm"
+            elif _family_hint(ckpt) is not None:
+                config = _family_hint(ckpt)
             else:
                 raise UserError(
                     "is not SD1, SD2 or SDXL (no cross-attention or text encoder keys)", ckpt.path
@@ -394,15 +456,23 @@ def component_of_keys(config: str) -> dict[str, str]:
 def is_merged_key(config: str, key: str, dtype: torch.dtype | None = None) -> bool:
     """Whether a (canonical) key takes part in the merge; the others are kept from one model as they are.
 
-    Merged: the config's floating-point weights (text encoders, UNet, VAE). Kept: EMA copies, scheduler
-    buffers, v-prediction markers, integer buffers (position_ids) and keys the config does not know.
+    Merged: the config's floating-point weights (text encoders, UNet, VAE) and the `key_kinds` rows
+    whose policy is "merged". Not merged: every other row of `key_kinds.KINDS` (EMA copies, scheduler
+    buffers, markers, position_ids, ...), integer buffers and keys the config does not know.
     """
+    policy = key_kinds.policy_of(key, component_of_keys_cached(config).get(key))
+    if policy is not None:
+        return policy == key_kinds.MERGED
     meta = _config(config).keys().get(key)
-    if meta is None or key in MARKER_KEYS:
+    if meta is None:
         return False
-    if not meta.dtype.is_floating_point or (dtype is not None and not dtype.is_floating_point):
-        return False
-    return component_of_keys_cached(config).get(key) not in _KEPT_COMPONENTS
+    return meta.dtype.is_floating_point and (dtype is None or dtype.is_floating_point)
+
+
+def merge_policy(config: str, key: str) -> str | None:
+    """The `key_kinds` policy of a canonical key of `config` (None: a plain weight of the config, or
+    a key neither the config nor the table knows)."""
+    return key_kinds.policy_of(key, component_of_keys_cached(config).get(key))
 
 
 _components_cache: dict[str, dict[str, str]] = {}
@@ -418,6 +488,8 @@ def permuted_prefixes(config: str) -> tuple[str, ...]:
     """Key prefixes of the components the permutation spec covers (UNet and text encoders)."""
     from ..architectures import families
 
+    if config in UNET_ONLY_LAYOUTS:
+        return ("",)  # every key of a UNet-only file is a UNet key
     facts = families()[config]
     return (facts["unet"]["prefix"], *(enc["prefix"] for enc in facts["text_encoders"].values()))
 
@@ -444,9 +516,13 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
     config_keys = _config(ckpt.config).keys()
     if expected is None:
         expected = {k: tuple(m.shape) for k, m in config_keys.items()}
+    elif ckpt.config in UNET_ONLY_LAYOUTS:  # `expected` is in the full config's names
+        expected = {own: expected[ldm] for own, ldm in ldm_names(ckpt.config).items() if ldm in expected}
     prefixes = permuted_prefixes(ckpt.config)
     unknown = [
-        k for k, canon in ckpt.canonical.items() if canon not in config_keys and k.startswith(prefixes)
+        k
+        for k, canon in ckpt.canonical.items()
+        if canon not in config_keys and k.startswith(prefixes) and not key_kinds.is_known(canon)
     ]
     if unknown:
         raise UserError(
@@ -461,10 +537,13 @@ def validate(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]] | None = 
         if canon not in expected or not is_merged_key(ckpt.config, canon, ckpt.dtypes[key]):
             continue
         want = tuple(expected[canon])
-        if shape != want and not variant_shape_ok(canon, shape, want):  # inpainting, instruct-pix2pix
+        full_name = ldm_names(ckpt.config).get(canon, canon)
+        if shape != want and key_kinds.long_clip_shape_ok(canon, shape, want):
+            continue  # a LongCLIP text encoder (248 positions); pairs are checked in check_pair
+        if shape != want and not variant_shape_ok(full_name, shape, want):  # inpainting, instruct-pix2pix
             hint = ""
             for (hkey, axis, value), text in _VARIANT_HINTS.items():
-                if canon == hkey and len(shape) > axis and shape[axis] == value:
+                if full_name == hkey and len(shape) > axis and shape[axis] == value:
                     hint = text
             raise UserError(
                 f"{key} has shape {_fmt(shape)}, {ckpt.family} ({ckpt.config}) expects {_fmt(want)}{hint}",
@@ -478,19 +557,29 @@ def check_pair(a: Checkpoint, b: Checkpoint) -> None:
     Input-channel variants (inpainting, instruct-pix2pix) pass here; `variants.check_variant_pair`
     decides which of their pairs merge.
     """
-    if a.config != b.config:
+    if a.full_config != b.full_config:
         raise UserError(
             f"is {b.family} ({b.config}) but {a.name} is {a.family} ({a.config}); both models must be of the same family",
             b.path,
         )
-    a_shapes, b_shapes = a.canonical_shapes(), b.canonical_shapes()
-    shared = [k for k in a_shapes if k in b_shapes and is_merged_key(a.config, k)]
+    config = a.full_config
+    a_shapes, b_shapes = a.full_shapes(), b.full_shapes()  # a UNet-only file against a full one
+    shared = [k for k in a_shapes if k in b_shapes and is_merged_key(config, k)]
     for key in shared:
+        if key_kinds.long_clip_problem(key, a_shapes[key], b_shapes[key]):
+            long_b = b_shapes[key][0] == key_kinds.LONG_CLIP_POSITIONS
+            raise UserError(
+                f"{key} has shape {_fmt(b_shapes[key])} but {a.name} has {_fmt(a_shapes[key])}: "
+                f"{'this file' if long_b else a.name} has a LongCLIP text encoder "
+                f"({key_kinds.LONG_CLIP_POSITIONS} positions) and the other a 77-position one; they "
+                "cannot be merged (positions are never padded or cut)",
+                b.path,
+            )
         if a_shapes[key] != b_shapes[key] and not same_but_input_channels(key, a_shapes[key], b_shapes[key]):
             raise UserError(
                 f"{key} has shape {_fmt(b_shapes[key])} but {a.name} has {_fmt(a_shapes[key])}", b.path
             )
-    prefixes = permuted_prefixes(a.config)
+    prefixes = permuted_prefixes(config)
     if not any(k.startswith(prefixes) for k in shared):
         raise UserError(f"shares no UNet or text-encoder weights with {a.name}", b.path)
 
@@ -552,6 +641,7 @@ def register_pickle_format() -> None:
     quantized.register_sd_mecha_formats()  # GGUF and fp8 scaled files read dequantized
     probe = pathlib.Path("probe.ckpt")
     if any(fmt.matches(probe) for fmt in formats.get_all()):
+        key_layouts.register_sd_mecha_formats()
         return
 
     class PickleStateDict(SafetensorsMapping):
@@ -601,3 +691,4 @@ def register_pickle_format() -> None:
             raise RuntimeError("sd_mecha_rebasin writes safetensors only")
 
     formats.register_model_format(PickleFormat, identifier="sd_mecha_rebasin_torch_pickle")
+    key_layouts.register_sd_mecha_formats()  # every format reads other tools' layouts as canonical

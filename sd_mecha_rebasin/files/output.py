@@ -29,6 +29,7 @@ import torch
 
 from ..common import testhooks
 from ..common.errors import UserError
+from ..model_configs.unet_only import full_config
 from . import safetensors_file
 from .checkpoint import Checkpoint
 
@@ -369,6 +370,7 @@ def modelspec(
 ) -> dict[str, str]:
     """`modelspec.*` keys; architecture, resolution and prediction type follow the reference model's
     own modelspec when it has one of the same family, else the family's default."""
+    config = full_config(config)  # a UNet-only layout: its family's architecture
     arch, impl, resolution, prediction = ARCHITECTURES[config]
     theirs = reference.metadata
     their_arch = str(theirs.get("modelspec.architecture", ""))

@@ -48,7 +48,8 @@ def repair_position_ids(config: str, tensors: MutableMapping[str, torch.Tensor])
     """Put the exact `position_ids` into `tensors` (config key names) for every text encoder present.
 
     A text encoder counts as present when any other key under its prefix is in `tensors`. A missing
-    buffer is added (at the end), a wrong one (another dtype, shape or value) replaced. Returns one
+    buffer is added (at the end), a wrong one (another dtype, shape or value) replaced; its length is
+    the position embedding's row count (77, or LongCLIP's 248). Returns one
     phrase per change (empty: nothing to repair), e.g. "position_ids missing (added)".
     """
     notes = []
@@ -56,6 +57,9 @@ def repair_position_ids(config: str, tensors: MutableMapping[str, torch.Tensor])
         prefix = key[: -len(POSITION_IDS_SUFFIX)]
         if not any(k.startswith(prefix) and k != key for k in tensors):
             continue
+        embedding = tensors.get(key[: -len("position_ids")] + "position_embedding.weight")
+        if embedding is not None and embedding.dim() == 2:  # LongCLIP: 248 positions, not 77
+            shape = (1, int(embedding.shape[0]))
         want = exact_position_ids(shape)
         have = tensors.get(key)
         if have is None:

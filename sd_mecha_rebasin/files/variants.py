@@ -21,7 +21,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, layout_name
+
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+INPUT_CONVS = frozenset({INPUT_CONV, *(layout_name(c, INPUT_CONV) for c in UNET_ONLY_LAYOUTS)})
+"""The first convolution's name in every key layout (full, bare LDM names, diffusers names)."""
 LATENT_CHANNELS = 4
 VARIANTS = {4: "standard", 8: "instruct-pix2pix", 9: "inpainting"}
 """Input channels of the first UNet convolution -> the variant's name."""
@@ -30,7 +34,7 @@ VARIANTS = {4: "standard", 8: "instruct-pix2pix", 9: "inpainting"}
 def variant_shape_ok(key: str, shape: Sequence[int], expected: Sequence[int]) -> bool:
     """Whether `shape` is `expected` with the input channels of a known variant (for `validate`)."""
     return (
-        key == INPUT_CONV
+        key in INPUT_CONVS
         and len(shape) == len(expected) == 4
         and shape[1] in VARIANTS
         and expected[1] == LATENT_CHANNELS
@@ -40,7 +44,7 @@ def variant_shape_ok(key: str, shape: Sequence[int], expected: Sequence[int]) ->
 
 def input_channels(shapes: Mapping[str, Sequence[int]]) -> int | None:
     """Input channels of the first UNet convolution (None when the file lacks it)."""
-    shape = shapes.get(INPUT_CONV)
+    shape = next((shapes[k] for k in INPUT_CONVS if k in shapes), None)
     return int(shape[1]) if shape is not None and len(shape) == 4 else None
 
 
@@ -53,7 +57,7 @@ def variant_of(shapes: Mapping[str, Sequence[int]]) -> str | None:
 def same_but_input_channels(key: str, a: Sequence[int], b: Sequence[int]) -> bool:
     """Whether two shapes of `key` differ only in the first convolution's input channels (both >= 4)."""
     return (
-        key == INPUT_CONV
+        key in INPUT_CONVS
         and len(a) == len(b) == 4
         and min(a[1], b[1]) >= LATENT_CHANNELS
         and (a[0], *a[2:]) == (b[0], *b[2:])

@@ -7,7 +7,7 @@ import torch
 from sd_mecha import Parameter, Return, StateDict, merge_method
 from torch import Tensor
 
-from ..files.variants import INPUT_CONV, same_but_input_channels
+from ..files.variants import INPUT_CONVS, same_but_input_channels
 
 FILL_IDENTIFIER = "sd_rebasin_fill_input_channels"
 
@@ -27,7 +27,7 @@ def fill_input_channels(
     """
     key = kwargs["key"]
     value = a[key]
-    if key != INPUT_CONV:
+    if key not in INPUT_CONVS:
         return value
     other = like[key]
     if other.shape[1] <= value.shape[1] or not same_but_input_channels(key, value.shape, other.shape):

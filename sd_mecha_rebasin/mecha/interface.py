@@ -42,13 +42,15 @@ from torch import Tensor
 
 from ..common.sd_mecha_compat import SD_MECHA_RANGE
 from ..model_configs import sd1_or_sd2_from_shapes
+from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, full_config, ldm_names
 from .merge_method import rebasin as git_rebasin
 
 INTERFACE = "rebasin"
 """sd-mecha's interface identifier (`sd_mecha.rebasin`)."""
 
-CONFIGS = ("sd1-ldm", "sd2-ldm", "sdxl-sgm")
-"""Model configs our implementations cover (SD2 is this package's `sd2-ldm` config)."""
+CONFIGS = ("sd1-ldm", "sd2-ldm", "sdxl-sgm", *UNET_ONLY_LAYOUTS)
+"""Model configs our implementations cover (SD2 is this package's `sd2-ldm` config; the UNet-only
+layouts of `model_configs/unet_only.py`, sd-mecha's `sdxl-diffusers_unet_only` among them)."""
 
 
 logger = logging.getLogger(__name__)
@@ -138,13 +140,33 @@ def inferred_config(node: Any) -> str | None:
         with sd_mecha.open_graph(node, root_only=True) as graph:
             candidates = graph.root_candidates().model_config
             config = candidates.finalize().identifier
-            if config in ("sd1-ldm", "sd2-ldm"):
-                shapes = {k: m.shape for k, m in candidates.possible_keys.items() if m.shape is not None}
-                config = sd1_or_sd2_from_shapes(shapes) or config
+            if full_config(config) in ("sd1-ldm", "sd2-ldm"):
+                names = ldm_names(config)
+                shapes = {
+                    names.get(k, k): m.shape
+                    for k, m in candidates.possible_keys.items()
+                    if m.shape is not None
+                }
+                config = same_layout(config, sd1_or_sd2_from_shapes(shapes) or full_config(config))
             return config
     except Exception as e:  # noqa: BLE001  (any failure: fall back to sd-mecha's own order)
         logger.debug("rebasin dispatch: no model config inferred for %r: %s", node, e)
         return None
+
+
+def same_layout(config: str, full: str) -> str:
+    """The config of `full`'s family with `config`'s key layout (an SD1/SD2 tie settled by shapes)."""
+    layout = UNET_ONLY_LAYOUTS.get(config)
+    if layout is None:
+        return full
+    return next(
+        (
+            ident
+            for ident, other in UNET_ONLY_LAYOUTS.items()
+            if other.full == full and other.names == layout.names
+        ),
+        config,
+    )
 
 
 def dispatch_order(candidates: list, preferred: str | None, ours: set[str]) -> list:

@@ -37,7 +37,7 @@ from sd_mecha import Parameter, Return, StateDict, StateDictKeyError, merge_meth
 from sd_mecha.keys_map import KeyMapBuilder
 from torch import Tensor
 
-from ..architectures import config_shapes, permutation_spec
+from ..architectures import config_shapes, permutation_spec, present_text_encoders
 from ..common import events
 from ..common.memory import return_freed_memory
 from ..files.variants import match_input_conv
@@ -252,7 +252,8 @@ def align(
 
     Returns the permutations and the pre-pass's copy of `a`, permuted by them. Keys missing from
     one model are left out of the matching; the permutations stay legal, and a key of `a` is
-    permuted whether or not `ref` has it.
+    permuted whether or not `ref` has it. Where either model lacks the text encoders (a UNet-only
+    model), only the UNet is permuted.
     """
     keys = [key for key in a.model_config.keys() if key in bound_keys(config)]  # config order
     a_held, ref_held = read_models(config, a, ref, keys, settings.threads or default_threads())
@@ -267,8 +268,11 @@ def align(
                 f"permutation rules bind; is it a {config} model?"
             )
     shapes = {key: tuple(value.shape) for key, value in (ref_values | a_values).items()}
+    # A text encoder takes part only if both models have it: with a UNet-only model, permuting
+    # its stream would leave the cross-attention of that model reading an unpermuted encoder.
+    encoders = present_text_encoders(config, a_values, ref_values)
     try:
-        spec = permutation_spec(config, arch=arch, shapes=shapes)
+        spec = permutation_spec(config, arch=arch, shapes=shapes, text_encoders=encoders)
     except ValueError as e:
         raise ValueError(f"git_rebasin: the tensor shapes do not fit the {config} architecture: {e}") from e
     events.emit("prepass_start", spaces=len(spec.spaces), max_iter=settings.iters)

@@ -28,6 +28,8 @@ from torch import Tensor
 
 from ..architectures import permutation_spec
 from ..common.memory import return_freed_memory
+from ..files import key_kinds
+from ..files.checkpoint import merge_policy
 from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
 from ..search.many import STARTS, check_weights, emit_progress, merge_many
 from .merge_method import _arch_lock, _arch_overrides, _compact, _read, _unlimited, bound_keys, ema_targets
@@ -130,6 +132,23 @@ def _shapes(
     return shapes
 
 
+def _text_encoders(
+    models: Sequence[Mapping[str, Tensor]], config: str, keys: Sequence[str]
+) -> tuple[str, ...]:
+    """The text encoders every model has (all or none, see `present_text_encoders`): probed by one
+    small key each, so that a UNet-only model among them leaves the encoders out of the matching."""
+    from ..architectures import family_facts, present_text_encoders
+
+    if not present_text_encoders(config, dict.fromkeys(keys)):
+        return ()
+    for enc in family_facts(config)["text_encoders"].values():
+        under = [k for k in keys if k.startswith(enc["prefix"])]
+        probe = next((k for k in under if k.endswith(".bias")), under[0] if under else None)
+        if probe is None or any(_read(m, probe) is None for m in models):
+            return ()
+    return present_text_encoders(config, dict.fromkeys(keys))
+
+
 def _prepass(
     models: Sequence[StateDict[Tensor]], config: str, settings: tuple, arch: Any
 ) -> tuple[PermutationSpec, list[Permutations]]:
@@ -138,7 +157,9 @@ def _prepass(
     keys = [key for key in models[ref].model_config.keys() if key in bound_keys(config)]
     shapes = _shapes(views, ref, keys)
     try:
-        spec = permutation_spec(config, arch=arch, shapes=shapes)
+        spec = permutation_spec(
+            config, arch=arch, shapes=shapes, text_encoders=_text_encoders(views, config, keys)
+        )
     except ValueError as e:
         raise ValueError(
             f"git_rebasin_many: the tensor shapes do not fit the {config} architecture: {e}"
@@ -222,8 +243,8 @@ class rebasin_many:
             values = [(i, models[i][key]) for i in sources]
         if member >= 0:
             return values[0][1]
-        if not values[0][1].is_floating_point():
-            return models[ref][key]
+        if not values[0][1].is_floating_point() or merge_policy(config, key) not in (None, key_kinds.MERGED):
+            return models[ref][key]  # integer buffers, and what `key_kinds` keeps from the reference
         total = None
         for i, value in values:
             total = value * w[i] if total is None else total.add_(value, alpha=w[i])

@@ -1,4 +1,4 @@
-"""Model configs this package ships for sd-mecha (currently ``sd2-ldm``).
+"""Model configs this package ships for sd-mecha: ``sd2-ldm`` and the UNet-only layouts (``unet_only.py``).
 
 sd-mecha 1.1.8 has no entry points for configs: its builtin YAML configs are registered on import by
 ``sd_mecha.extensions.builtin.model_configs`` with ``model_configs.register(YamlModelConfig(path))``.

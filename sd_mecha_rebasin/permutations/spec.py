@@ -118,6 +118,15 @@ class PermutationSpec:
                 lines.append(f"  {key}  {axes}")
         return "\n".join(lines)
 
+    def renamed(self, names: Mapping[str, str]) -> PermutationSpec:
+        """The same spec with keys renamed (`names`: old -> new; others keep theirs): one set of
+        rules serves every key layout of a model (LDM names, diffusers names)."""
+        return PermutationSpec(
+            spaces=dict(self.spaces),
+            axes={names.get(k, k): v for k, v in self.axes.items()},
+            shapes={names.get(k, k): v for k, v in self.shapes.items()},
+        )
+
     def gather_index(self, key: str, axis: int, perms: Permutations) -> torch.Tensor | None:
         """Index that reorders `axis` of `key` by `perms` (None when it stays as it is)."""
         segments = self.axes[key][axis]

@@ -466,3 +466,49 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|a|: the harness's measure of "same function"."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def unet_context(family: str, size: str, seed: int = 0) -> dict:
+    """Fixed "text embeddings" for a UNet alone (a UNet-only file has no text encoder): a seeded
+    context of the cross-attention width and, for SDXL, a pooled vector and size conditioning."""
+    config = _UNET[family, size]
+    gen = torch.Generator().manual_seed(seed + 7)
+    cond: dict = {"encoder_hidden_states": torch.randn((1, 77, config["cross_attention_dim"]), generator=gen)}
+    if family == "sdxl":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        h = w = LATENT_SIZE * IMAGE_SCALE
+        cond["added_cond_kwargs"] = {
+            "text_embeds": torch.randn((1, pooled), generator=gen),
+            "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
+        }
+    return cond
+
+
+def run_unet(
+    family: str,
+    size: str,
+    state_dict: MutableMapping[str, torch.Tensor],
+    *,
+    layout: str = "ldm",
+    seed: int = 0,
+) -> torch.Tensor:
+    """UNet output (fp32) of a UNet alone, for the fixed context of `unet_context`.
+
+    `layout`: "ldm" (LDM names, with or without `model.diffusion_model.`, converted by diffusers'
+    converter) or "diffusers" (UNet2DConditionModel names, loaded as they are). The state dict is
+    consumed.
+    """
+    with torch.no_grad():
+        cond = unet_context(family, size, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        latent = torch.randn((1, 4, LATENT_SIZE, LATENT_SIZE), generator=gen)
+        timestep = torch.tensor([TIMESTEP], dtype=torch.long)
+        if layout == "diffusers":
+            sd = {k: state_dict.pop(k).to(torch.float32) for k in list(state_dict)}
+            with _loaded(_unet_module(family, size), sd, "UNet") as unet:
+                out = unet(latent, timestep, **cond).sample
+        else:
+            sd = {k.removeprefix(UNET_PREFIX): state_dict.pop(k).to(torch.float32) for k in list(state_dict)}
+            with _unet(family, size, sd) as unet:
+                out = unet(latent, timestep, **cond).sample
+    return out.float().clone()

@@ -142,3 +142,82 @@ def save_ckpt(path: pathlib.Path, sd: Mapping[str, torch.Tensor], wrapping: str)
             obj = {name: obj, "epoch": 3}
     torch.save(obj, path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Other tools' key layouts (written from the canonical tensors, independently of the reader)
+
+SDXL_CLIP_G = "conditioner.embedders.1.model."
+SD2_CLIP_H = "cond_stage_model.model."
+
+
+def openclip_to_hf(sd: Mapping[str, torch.Tensor], prefix: str, new_prefix: str) -> dict[str, torch.Tensor]:
+    """The OpenCLIP text encoder under `prefix` rewritten in transformers' CLIPTextModel layout under
+    `new_prefix` (q/k/v split out of `in_proj`, `text_projection` as a Linear weight: transposed,
+    `logit_scale` kept as `<new_prefix>logit_scale`); every other key as it is, order kept."""
+    import re
+
+    names = (
+        (r"token_embedding\.weight", "text_model.embeddings.token_embedding.weight"),
+        (r"positional_embedding", "text_model.embeddings.position_embedding.weight"),
+        (
+            r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(\w+)",
+            r"text_model.encoder.layers.\1.self_attn.out_proj.\2",
+        ),
+        (r"transformer\.resblocks\.(\d+)\.ln_1\.(\w+)", r"text_model.encoder.layers.\1.layer_norm1.\2"),
+        (r"transformer\.resblocks\.(\d+)\.ln_2\.(\w+)", r"text_model.encoder.layers.\1.layer_norm2.\2"),
+        (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(\w+)", r"text_model.encoder.layers.\1.mlp.fc1.\2"),
+        (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(\w+)", r"text_model.encoder.layers.\1.mlp.fc2.\2"),
+        (r"ln_final\.(\w+)", r"text_model.final_layer_norm.\1"),
+        (r"logit_scale", "logit_scale"),
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if not key.startswith(prefix):
+            out[key] = t
+            continue
+        rest = key[len(prefix) :]
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", rest)
+        if m:
+            for part, chunk in zip("qkv", t.chunk(3, dim=0)):
+                out[f"{new_prefix}text_model.encoder.layers.{m[1]}.self_attn.{part}_proj.{m[2]}"] = (
+                    chunk.clone()
+                )
+            continue
+        if rest == "text_projection":
+            out[new_prefix + "text_projection.weight"] = t.t().contiguous()
+            continue
+        for pattern, target in names:
+            if re.fullmatch(pattern, rest):
+                out[new_prefix + re.sub(pattern, target, rest)] = t
+                break
+        else:
+            raise AssertionError(f"no transformers name for {key}")
+    return out
+
+
+def to_forge(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A canonical SD1/SD2/SDXL state dict as Forge saved it before 2025 (`save_checkpoint`):
+    `text_encoders.clip_l|clip_g|clip_h.` (transformers layout under `transformer.`, `logit_scale`
+    beside it) and `vae.`; the UNet as it is."""
+    sdxl = any(k.startswith(SDXL_CLIP_G) for k in sd)
+    out = dict(sd)
+    if sdxl:
+        g_logit = out.pop(SDXL_CLIP_G + "logit_scale", None)
+        out = openclip_to_hf(out, SDXL_CLIP_G, "text_encoders.clip_g.transformer.")
+        if g_logit is not None:
+            out["text_encoders.clip_g.logit_scale"] = g_logit
+    if any(k.startswith(SD2_CLIP_H) for k in sd):
+        h_logit = out.pop(SD2_CLIP_H + "logit_scale", None)
+        out = openclip_to_hf(out, SD2_CLIP_H, "text_encoders.clip_h.transformer.")
+        if h_logit is not None:
+            out["text_encoders.clip_h.logit_scale"] = h_logit
+    clip_l = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+    renamed: dict[str, torch.Tensor] = {}
+    for key, t in out.items():
+        if key.startswith(clip_l):
+            key = "text_encoders.clip_l.transformer." + key[len(clip_l) :]
+        elif key.startswith("first_stage_model."):
+            key = "vae." + key[len("first_stage_model.") :]
+        renamed[key] = t
+    return renamed
