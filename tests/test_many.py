@@ -268,7 +268,8 @@ def test_half_precision_inputs_use_a_half_sum_and_recover_every_permutation(fami
     half = as_dtype(c.models, torch.float16)
     assert running_sum_dtype(half, c.keys) == torch.float16
     events = []
-    compact = merge_many(c.spec, half, threads=2, on_progress=events.append)
+    # the incremental start: the event order and read counts below are its (the sum's dtype is the point)
+    compact = merge_many(c.spec, half, threads=2, on_progress=events.append, start="incremental")
     assert compact.converged and compact.sum_dtype == torch.float16
     for i in range(
         N
@@ -362,7 +363,7 @@ def test_inputs_without_headers_are_not_read_for_their_dtype_and_a_wide_one_wide
     c = Case("sd1")
     half = [CountingReads(sd) for sd in as_dtype(c.models, torch.float16)]
     events = []
-    result = merge_many(c.spec, half, threads=2, on_progress=events.append)
+    result = merge_many(c.spec, half, threads=2, on_progress=events.append, start="incremental")
     assert result.sum_dtype == torch.float16
     rebuilds = sum(type(e).__name__ == "SumRebuild" for e in events)
     assert rebuilds == 1
