@@ -1,5 +1,5 @@
 """Make `tests/support` importable as `support` from every test module, run the tiny models on one
-torch thread, and keep the full-size tests on one xdist worker."""
+torch thread, and mark the slow and full-size tests."""
 
 import os
 import pathlib
@@ -30,14 +30,13 @@ SLOW_TESTS = frozenset(
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Listed tests are slow. Full-size tests are slow, and share one xdist group: two of them at
-    once could need twice the memory (an SDXL forward-pass proof holds about 10 GB) on CI's 24 GB."""
+    """Listed tests are slow, and so are full-size tests (README's command runs those in a process of
+    their own, after the xdist workers: two at once could need twice the memory on CI's 24 GB)."""
     for item in items:
         if item.nodeid.split("[")[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("full_size"):
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("full_size"))
 
 
 @pytest.fixture(autouse=True)
