@@ -41,7 +41,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = HERE.parent / ".bench_cache"
 NOISE = 0.01
-MAX_N = 8
+MAX_N = 16
 SMALL = "demo-small"
 """The demo's small SD1 layout (sd1-ldm keys, widths / 10): a smoke-test size."""
 
@@ -380,10 +380,15 @@ def bench(
                 )
         for path in outs.values():
             path.unlink(missing_ok=True)
-    for label in sorted({label for label, _ in results if label.startswith("ours")}):
-        if (label, 4) in results and (label, 8) in results:
-            a, b = results[(label, 4)]["peak_rss_gb"], results[(label, 8)]["peak_rss_gb"]
-            print(f"{name} {label} peak RSS N=8 / N=4: x{b / a:.3f}", flush=True)
+    lo, hi = min(ns), max(ns)
+    for label in sorted({label for label, _ in results}):
+        if lo != hi and (label, lo) in results and (label, hi) in results:
+            a, b = results[(label, lo)], results[(label, hi)]
+            print(
+                f"{name} {label} N={hi} / N={lo}: peak RSS x{b['peak_rss_gb'] / a['peak_rss_gb']:.3f}, "
+                f"time per model x{(b['seconds'] / hi) / (a['seconds'] / lo):.3f}",
+                flush=True,
+            )
 
 
 def main() -> None:
