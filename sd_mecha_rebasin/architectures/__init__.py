@@ -43,13 +43,9 @@ def config_identifier(config: Any) -> str:
 
 def config_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every key in an sd-mecha config (or identifier)."""
-    import sd_mecha
-
     from .. import model_configs
 
-    model_configs.register_model_configs()
-    if isinstance(config, str):
-        config = sd_mecha.extensions.model_configs.resolve(config)
+    config = model_configs.resolve(config)
     return {key: tuple(meta.shape) for key, meta in config.keys().items()}
 
 

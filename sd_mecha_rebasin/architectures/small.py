@@ -43,11 +43,8 @@ def _shrink(key: str, dim: int) -> int:
 
 def small_shapes() -> dict[str, tuple[int, ...]]:
     """Key -> shape of the small SD1 model: sd1-ldm's text encoder and UNet keys, shrunk."""
-    from sd_mecha.extensions import model_configs
+    from .. import model_configs
 
-    from ..model_configs import register_model_configs
-
-    register_model_configs()
     components = model_configs.resolve(CONFIG).components()
     shapes: dict[str, tuple[int, ...]] = {}
     for name in ("clip_l", "diffuser"):

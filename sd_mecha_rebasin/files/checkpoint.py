@@ -390,11 +390,9 @@ def _family_hint(ckpt: Checkpoint) -> str | None:
 
 def detect_family(ckpt: Checkpoint) -> str:
     """Set and return `ckpt.config` (sd1-ldm, sd2-ldm or sdxl-sgm); UserError for anything else."""
-    from sd_mecha.extensions import model_configs
+    from .. import model_configs
+    from ..model_configs import sd1_or_sd2_from_shapes
 
-    from ..model_configs import register_model_configs, sd1_or_sd2_from_shapes
-
-    register_model_configs()
     keys = ckpt.shapes
     unet = "model.diffusion_model."
     if not any(k.startswith(unet) for k in keys):  # a UNet-only layout (model_configs/unet_only.py)?
@@ -439,7 +437,7 @@ def detect_family(ckpt: Checkpoint) -> str:
 
 
 def _config(config: str):
-    from sd_mecha.extensions import model_configs
+    from .. import model_configs
 
     return model_configs.resolve(config)
 

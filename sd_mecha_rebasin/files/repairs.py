@@ -21,7 +21,7 @@ POSITION_IDS_SUFFIX = "embeddings.position_ids"
 @functools.cache
 def position_ids_keys(config: str) -> dict[str, tuple[int, ...]]:
     """Config key -> shape of every text encoder's `position_ids` in an sd-mecha config."""
-    from sd_mecha.extensions import model_configs
+    from .. import model_configs
 
     return {
         key: tuple(meta.shape)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import pathlib
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sd_mecha.extensions import model_configs as _mecha_model_configs
 
 YAML_DIRECTORY = pathlib.Path(__file__).resolve().parent
 
 _lock = threading.Lock()
+_registered: list[str] = []
 
 
 def yaml_paths() -> list[pathlib.Path]:
@@ -60,7 +62,21 @@ def register_model_configs() -> list[str]:
                     "Your sd-mecha may be newer than this package supports (sd-mecha>=1.1.6,<1.2)."
                 )
             identifiers.append(identifier)
+        _registered[:] = identifiers
     return identifiers
+
+
+def resolve(config: Any) -> Any:
+    """sd-mecha's `ModelConfig` for an identifier (this package's configs registered first); a
+    config object is returned as it is. KeyError (sd-mecha's) for an unknown identifier.
+
+    Every layer below `mecha` reaches sd-mecha's config registry through this function only.
+    """
+    if not isinstance(config, str):
+        return config
+    if not _registered:  # once per process: a full check of the registry costs a YAML read per config
+        register_model_configs()
+    return _mecha_model_configs.resolve(config)
 
 
 def sd1_or_sd2_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str | None:
@@ -81,4 +97,4 @@ def sd1_or_sd2_from_shapes(shapes: Mapping[str, Sequence[int]]) -> str | None:
     return None
 
 
-__all__ = ["YAML_DIRECTORY", "register_model_configs", "sd1_or_sd2_from_shapes", "yaml_paths"]
+__all__ = ["YAML_DIRECTORY", "register_model_configs", "resolve", "sd1_or_sd2_from_shapes", "yaml_paths"]

@@ -141,10 +141,10 @@ def ldm_names(identifier: str) -> dict[str, str]:
     layout = UNET_ONLY_LAYOUTS.get(identifier)
     if layout is None:
         return {}
-    from sd_mecha.extensions import model_configs
+    from . import resolve
 
     out = {}
-    for key in model_configs.resolve(layout.full).keys():
+    for key in resolve(layout.full).keys():
         name = layout_name(identifier, key)
         if name is not None:
             out[name] = key
