@@ -14,14 +14,13 @@ import pytest
 import torch
 import yaml
 from support.forward import LATENT_SIZE, max_rel_error, run_model
-from support.layouts import (
+from support.layouts import arch_overrides, key_shapes, random_state_dict
+
+from sd_mecha_rebasin.model_configs.sd_layouts import (
     FAMILIES,
     PREFIXES,
     UNET_PREFIX,
-    arch_overrides,
     component_of,
-    key_shapes,
-    random_state_dict,
     sd2_full_layout,
 )
 
@@ -456,3 +455,11 @@ def test_full_sd1_forward() -> None:
     assert not sd
     assert out.shape == (1, 4, LATENT_SIZE, LATENT_SIZE)
     assert torch.isfinite(out).all() and out.std() > 1e-2
+
+
+def test_layout_lookups_refuse_unknown_names() -> None:
+    assert component_of("sdxl", XL_G + "ln_final.weight") == "clip_g"
+    with pytest.raises(KeyError, match="belongs to no sd1 component"):
+        component_of("sd1", "first_stage_model.encoder.conv_in.weight")
+    with pytest.raises(ValueError, match="unknown family 'sd3'"):
+        component_of("sd3", U + "out.2.weight")

@@ -1,8 +1,8 @@
 """SD1-layout models at a chosen width: transformers CLIPTextModel + diffusers UNet2DConditionModel.
 
 The checkpoint layout is sd-mecha's `sd1-ldm` (every text-encoder and UNet key name, read from
-sd-mecha through tests/support/layouts.py), with every width scaled from SD1's: UNet base channels
-320 -> `Width.unet` (all UNet widths scale alike, 8 attention heads as in SD1), CLIP width 768 ->
+sd-mecha through `sd_mecha_rebasin.model_configs.sd_layouts`), with every width scaled from SD1's:
+UNet base channels 320 -> `Width.unet` (all UNet widths scale alike, 8 attention heads as in SD1), CLIP width 768 ->
 `Width.clip` (MLP 4x, 12 layers), vocabulary 49408 -> `data.VOCAB`, 77 positions kept. LDM names
 map to diffusers names through diffusers' own `convert_ldm_unet_checkpoint` (the mapping the
 forward-pass harness uses), computed once per width on meta tensors.
@@ -10,19 +10,21 @@ forward-pass harness uses), computed once per width on meta tensors.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import data
+from sd_mecha_rebasin.model_configs.sd_layouts import (
+    PREFIXES,
+    SD_UNET_COMMON,
+    UNET_PREFIX,
+    component_of,
+    full_key_shapes,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support.forward import SD_UNET_COMMON  # noqa: E402  (the harness's SD1 UNet config)
-from support.layouts import PREFIXES, UNET_PREFIX, component_of, key_shapes  # noqa: E402
+from . import data
 
 CLIP_PREFIX = PREFIXES["sd1"]["clip_l"]
 _KEPT_DIMS = frozenset({1, 3, 4, 77})  # kernels, latent channels, token positions
@@ -53,7 +55,7 @@ class Width:
 def ldm_shapes(width: Width) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the text encoder and UNet in the `sd1-ldm` layout at this width."""
     out = {}
-    for key, shape in key_shapes("sd1", "full").items():
+    for key, shape in full_key_shapes("sd1").items():
         table = width.dims(component_of("sd1", key))
         out[key] = tuple(table[d] if d in table else d for d in shape)
         bad = [d for d in shape if d not in table and d not in _KEPT_DIMS]

@@ -4,7 +4,9 @@ The models are the real third-party implementations, built from configs with no 
 transformers ``CLIPTextModel`` (CLIP-L), open_clip ``TextTransformer`` (OpenCLIP ViT-H / bigG)
 and diffusers ``UNet2DConditionModel``. They are wired as the original LDM / SGM pipelines wire
 them, so that "the permuted checkpoint computes the same function" can be checked end to end,
-including the couplings between text encoders and UNet. Nothing here imports sd_mecha_rebasin.
+including the couplings between text encoders and UNet. From sd_mecha_rebasin only the key-layout
+tables (`model_configs.sd_layouts`: prefixes, SD's diffusers UNet settings) are imported, none of
+its permutation code.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from .layouts import PREFIXES, UNET_PREFIX
+from sd_mecha_rebasin.model_configs.sd_layouts import PREFIXES, SD_UNET_COMMON, UNET_PREFIX
 
 IMAGE_SCALE = 8  # VAE downsampling: SDXL's size conditioning is given in pixels
 LATENT_SIZE = 16  # divisible by 2 ** (levels - 1) for SD1/SD2 (4 levels) and SDXL (3 levels)
@@ -61,25 +63,6 @@ _OPEN_CLIP = {
     ("clip_g", "tiny"): (96, 6, 32, 1000),
 }
 
-SD_UNET_COMMON = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_eps": 1e-5,
-}
 _SDXL_UNET_COMMON = {
     "sample_size": 128,
     "in_channels": 4,

@@ -1,10 +1,8 @@
 """Key layouts (names and shapes) of SD1, SD2 and SDXL checkpoints, full-size and tiny.
 
-The names are those of the sd-mecha configs ``sd1-ldm`` and ``sdxl-sgm`` (read from sd-mecha
-itself) and of this project's ``sd2-ldm`` (derived here from ``sd1-ldm`` plus the OpenCLIP ViT-H
-text tower, so that the harness does not trust the config it is meant to check). Only the
-components that take part in the forward pass are listed: the text encoder(s) and the UNet
-(``diffuser``); VAE, EMA and scheduler buffers are left out.
+The full-size layouts are `sd_mecha_rebasin.model_configs.sd_layouts` (sd-mecha's ``sd1-ldm`` and
+``sdxl-sgm``, and an SD2 layout derived there without reading this project's ``sd2-ldm.yaml``, so
+that the harness does not trust the config it is meant to check).
 
 "tiny" layouts keep every key name of "full" and scale each dimension with a per-component
 table, so that a permutation spec written against key names and head/group counts applies to
@@ -16,31 +14,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from functools import cache
 
 import torch
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+from sd_mecha_rebasin.model_configs.sd_layouts import FAMILIES, component_of, full_key_shapes
+
 SIZES = ("tiny", "full")
-
-UNET_PREFIX = "model.diffusion_model."
-
-#: Key prefix of every component, per family; forward.py strips these to reach module names.
-PREFIXES: dict[str, dict[str, str]] = {
-    "sd1": {
-        "clip_l": "cond_stage_model.transformer.text_model.",
-        "unet": UNET_PREFIX,
-    },
-    "sd2": {
-        "clip_h": "cond_stage_model.model.",
-        "unet": UNET_PREFIX,
-    },
-    "sdxl": {
-        "clip_l": "conditioner.embedders.0.transformer.text_model.",
-        "clip_g": "conditioner.embedders.1.model.",
-        "unet": UNET_PREFIX,
-    },
-}
 
 # Dimensions that are not widths: conv kernels (1, 3), latent channels (4), token positions (77).
 _KEPT_DIMS = frozenset({1, 3, 4, 77})
@@ -94,100 +73,10 @@ def _check(family: str, size: str) -> None:
         raise ValueError(f"unknown size {size!r}, expected one of {SIZES}")
 
 
-def component_of(family: str, key: str) -> str:
-    """Component (``clip_l``, ``clip_h``, ``clip_g``, ``unet``) a key belongs to."""
-    for component, prefix in PREFIXES[family].items():
-        if key.startswith(prefix):
-            return component
-    raise KeyError(f"{key!r} belongs to no {family} component")
-
-
 def arch_overrides(family: str, size: str) -> dict[str, dict[str, int]]:
     """Architecture facts that shapes do not reveal: head counts/widths and GroupNorm groups."""
     _check(family, size)
     return {component: dict(facts) for component, facts in _ARCH[family, size].items()}
-
-
-def _from_sd_mecha(ident: str, components: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """Float keys of the given sd-mecha config components (integer buffers and, in the
-    diffuser, the non-weight metadata such as SDXL's ``edm_vpred.*`` are left out)."""
-    from sd_mecha.extensions import model_configs
-
-    config_components = model_configs.resolve(ident).components()
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in components:
-        for key, meta in config_components[name].keys().items():
-            if not meta.dtype.is_floating_point:
-                continue  # position_ids, SDXL v_pred / ztsnr flags
-            if name == "diffuser" and not key.startswith(UNET_PREFIX):
-                continue  # SDXL edm_vpred.sigma_min / sigma_max: not UNet weights
-            shapes[key] = tuple(meta.shape)
-    return shapes
-
-
-def _open_clip_text_layout(
-    prefix: str, width: int, layers: int, vocab: int = 49408
-) -> dict[str, tuple[int, ...]]:
-    """An OpenCLIP text tower's state dict (as kept in LDM/SGM checkpoints)."""
-    shapes: dict[str, tuple[int, ...]] = {
-        f"{prefix}token_embedding.weight": (vocab, width),
-        f"{prefix}positional_embedding": (77, width),
-    }
-    for i in range(layers):
-        block = f"{prefix}transformer.resblocks.{i}."
-        shapes.update(
-            {
-                f"{block}ln_1.weight": (width,),
-                f"{block}ln_1.bias": (width,),
-                f"{block}attn.in_proj_weight": (3 * width, width),
-                f"{block}attn.in_proj_bias": (3 * width,),
-                f"{block}attn.out_proj.weight": (width, width),
-                f"{block}attn.out_proj.bias": (width,),
-                f"{block}ln_2.weight": (width,),
-                f"{block}ln_2.bias": (width,),
-                f"{block}mlp.c_fc.weight": (4 * width, width),
-                f"{block}mlp.c_fc.bias": (4 * width,),
-                f"{block}mlp.c_proj.weight": (width, 4 * width),
-                f"{block}mlp.c_proj.bias": (width,),
-            }
-        )
-    shapes.update(
-        {
-            f"{prefix}ln_final.weight": (width,),
-            f"{prefix}ln_final.bias": (width,),
-            f"{prefix}text_projection": (width, width),
-            f"{prefix}logit_scale": (),
-        }
-    )
-    return shapes
-
-
-def sd2_full_layout() -> dict[str, tuple[int, ...]]:
-    """SD2 (LDM layout) = OpenCLIP ViT-H/14 text tower under ``cond_stage_model.model.`` plus
-    the sd1-ldm UNet with linear proj_in/proj_out and 1024-wide cross-attention context."""
-    shapes = _open_clip_text_layout(PREFIXES["sd2"]["clip_h"], width=1024, layers=24)
-    for key, shape in _from_sd_mecha("sd1-ldm", ("diffuser",)).items():
-        if key.endswith((".proj_in.weight", ".proj_out.weight")):
-            assert len(shape) == 4 and shape[2:] == (1, 1), (key, shape)
-            shape = shape[:2]
-        elif key.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")):
-            assert shape[1] == 768, (key, shape)
-            shape = (shape[0], 1024)
-        shapes[key] = shape
-    return shapes
-
-
-@cache
-def _full(family: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    if family == "sd1":
-        shapes = _from_sd_mecha("sd1-ldm", ("clip_l", "diffuser"))
-    elif family == "sdxl":
-        shapes = _from_sd_mecha("sdxl-sgm", ("clip_l", "clip_g", "diffuser"))
-    else:
-        shapes = sd2_full_layout()
-    for key in shapes:
-        component_of(family, key)  # every key must sit under a known prefix
-    return tuple(shapes.items())
 
 
 def _shrink(family: str, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -206,7 +95,7 @@ def _shrink(family: str, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def key_shapes(family: str, size: str) -> dict[str, tuple[int, ...]]:
     """Key name -> shape of the text encoder(s) and UNet of a family, in its checkpoint layout."""
     _check(family, size)
-    full = dict(_full(family))
+    full = full_key_shapes(family)
     if size == "full":
         return full
     return {key: _shrink(family, key, shape) for key, shape in full.items()}
