@@ -491,9 +491,6 @@ def merge_many(
         def squared_norm(tensors: Mapping[str, torch.Tensor]) -> float:
             return math.fsum(pool.map(lambda t: _dot(t, t), tensors.values()))
 
-        def inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-            return math.fsum(pool.map(lambda key: _dot(a[key], b[key]), keys))
-
         def update(model: Mapping[str, torch.Tensor], factor: float) -> None:
             list(pool.map(lambda key: total[key].add_(model[key], alpha=factor), keys))
 
@@ -607,8 +604,6 @@ def merge_many(
             factor = 1.0 / (c * weight_others)
             target = _Scaled(total, factor)  # the weighted mean of the others
             mean_norm = squared_norm(total) * factor * factor
-            # The objective where this alignment starts (a first visit: the model's own basis).
-            start_objective = inner(target, model) if first_visit else None
             result = weight_matching(
                 spec,
                 target,
@@ -635,7 +630,8 @@ def merge_many(
                 perms[i] = new
             if not probe:
                 place(i, changed > 0, result.converged)
-            begin = result.history[0].objective if start_objective is None else start_objective
+            # The objective where this alignment starts (a first visit: the model's own basis).
+            begin = result.identity_objective if first_visit else result.history[0].objective
             gain = result.objective - begin
             distance = math.sqrt(max(0.0, mean_norm - 2 * result.objective + copy_norms[i]))
             before = math.sqrt(max(0.0, mean_norm - 2 * begin + copy_norms[i]))

@@ -63,6 +63,10 @@ class MatchResult:
     """The final objective, recomputed from the tensors."""
     rel_distance: float
     """The final `||ref - pi(model)|| / ||ref - model||`, recomputed from the tensors."""
+    identity_objective: float = math.nan
+    """`<ref, model>` with no permutation applied (the model as given), from the same pass over the
+    tensors that rates the starting points: MergeMany's first-visit gain needs it, and a pass of
+    its own over an SD model costs seconds."""
 
     @property
     def final(self) -> SweepStats:
@@ -372,10 +376,13 @@ def weight_matching(
         aligned = AlignedModel(spec, model, overwrite=overwrite_model, pool=pool)
         moved_start = any(not np.array_equal(p, np.arange(len(p))) for p in start.values())
         candidates = [{}, start] if moved_start else [{}]
+        if warm is not None and all(np.array_equal(warm[name], start[name]) for name in names):
+            warm = None  # the starting point itself (fine-tunes of one base): nothing more to rate
         if warm is not None:  # kept only if it is a better starting point
             candidates.append(warm)
         figures = objectives_and_distances(spec, ref, model, candidates, on_key=step)  # one pass for all
         base = math.sqrt(figures[0][1]) if figures[0][1] > 0 else 1.0
+        identity = figures[0][0]
         warm_figures = figures.pop() if warm is not None else None
         dot, sq = figures[-1]  # the start's
         if warm_figures is not None and warm_figures[0] > dot:
@@ -438,4 +445,4 @@ def weight_matching(
                 break
     if moved:  # the final figures recomputed from the tensors, not from the tracked gains
         dot, sq = objective_and_distance(spec, ref, aligned.values, {})
-    return MatchResult(aligned.perms, history, converged, dot, math.sqrt(sq) / base)
+    return MatchResult(aligned.perms, history, converged, dot, math.sqrt(sq) / base, identity)
