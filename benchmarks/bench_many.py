@@ -95,25 +95,33 @@ def hidden_perm(spec, inputs: Inputs, i: int):
     return random_permutation(spec, seed=1000 + i)
 
 
+def _lazy(path: pathlib.Path):
+    """A file's tensors read one at a time with seeks, not mmap: RSS stays small."""
+    from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
+    from sd_mecha_rebasin.files.lazy import FileStateDict
+
+    ckpt = open_checkpoint(path)
+    detect_family(ckpt)
+    return FileStateDict(ckpt)
+
+
 def build(inputs: Inputs, n: int) -> None:
     """The base and models 1..n (those not cached yet), in the inputs' dtype: every float key
     sd-mecha's config requires plus the optional ones the permutation rules bind (demo-small: its
     text encoder and UNet keys). Runs in a child process."""
     import sd_mecha
     from bench_weight_matching import fine_tuned_permuted_copy, random_weights
-    from safetensors.torch import load_file, save_file
 
     from sd_mecha_rebasin.architectures import config_shapes
     from sd_mecha_rebasin.architectures.small import DEMO_LAYOUT, DEMO_LAYOUT_KEY, small_shapes
+    from sd_mecha_rebasin.files.output import write_safetensors
     from sd_mecha_rebasin.mecha.merge_method import bound_keys
 
     t0 = time.perf_counter()
     CACHE.mkdir(exist_ok=True)
     spec = spec_of(inputs)
     metadata = {DEMO_LAYOUT_KEY: DEMO_LAYOUT} if inputs.config == SMALL else None
-    if base_path(inputs).exists():
-        base = load_file(base_path(inputs))
-    else:
+    if not base_path(inputs).exists():
         if inputs.config == SMALL:
             shapes = small_shapes()
         else:
@@ -125,13 +133,17 @@ def build(inputs: Inputs, n: int) -> None:
                 if keys[k].dtype.is_floating_point and (not keys[k].optional or k in bound)
             }
         base = random_weights(shapes, seed=0, dtype=DTYPES[inputs.dtype])
-        save_file(base, str(base_path(inputs)), metadata)
+        write_safetensors(base_path(inputs), base, metadata)  # streamed: no second copy in memory
+        del base
+    # The base is read key by key from its file and each model written as it is built: one model in
+    # memory at a time (SDXL fp32: 13 GB, where a loaded base and a serialised copy made it 40).
+    base = _lazy(base_path(inputs))
     for i in range(n):
         if not model_path(inputs, i).exists():
             hidden = hidden_perm(spec, inputs, i)
             model = fine_tuned_permuted_copy(spec, base, hidden, NOISE, seed=2000 + i)
             tmp = model_path(inputs, i).with_suffix(".tmp")
-            save_file(model, str(tmp), metadata)
+            write_safetensors(tmp, model, metadata)
             os.replace(tmp, model_path(inputs, i))
             del model
             print(f"built {model_path(inputs, i).name} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -274,22 +286,15 @@ def run_child(
 def quality(inputs: Inputs, n: int, outputs: dict[str, pathlib.Path]) -> dict[str, float]:
     """`||output - pi_1(base)||` for each output, and the ideal `||mean_i noise_i||` (float64, one
     key at a time; each model's hidden permutation undone to find its noise)."""
-    from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
-    from sd_mecha_rebasin.files.lazy import FileStateDict
     from sd_mecha_rebasin.permutations.spec import invert, permute_tensor
-
-    def lazy(path: pathlib.Path) -> FileStateDict:  # read with seeks, not mmap: RSS stays small
-        ckpt = open_checkpoint(path)
-        detect_family(ckpt)
-        return FileStateDict(ckpt)
 
     spec = spec_of(inputs)
     hidden = [hidden_perm(spec, inputs, i) for i in range(n)]
     undo = [invert(h) for h in hidden]
     totals = {name: 0.0 for name in outputs} | {"ideal": 0.0}
-    handles = {name: lazy(p) for name, p in outputs.items()}
-    models = [lazy(model_path(inputs, i)) for i in range(n)]
-    base = lazy(base_path(inputs))
+    handles = {name: _lazy(p) for name, p in outputs.items()}
+    models = [_lazy(model_path(inputs, i)) for i in range(n)]
+    base = _lazy(base_path(inputs))
     for key in base:
         b = base[key].float()
         noise = sum(permute_tensor(spec, key, m[key], u).float() for m, u in zip(models, undo)) / n - b
