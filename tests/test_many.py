@@ -618,7 +618,8 @@ def test_auto_reuses_the_answer_of_the_model_that_moved_when_nothing_else_moves(
     """The odd model visited first: its all-others target is the base (the others share it), the
     restart aligns the others to the reference and to each other (nothing moves), and the odd
     model, last, would be aligned to the mean of all the others in their own bases: exactly its
-    all-others alignment, so that answer is kept, not recomputed."""
+    all-others alignment, so that alignment goes on from its one-sweep answer instead of starting
+    again, and nothing else moves."""
     spec, models = shared_basis()
     hidden = random_permutation(spec, seed=77)
     first = merge_many(spec, models, threads=2, start="auto", max_passes=1).steps[0].model

@@ -43,8 +43,12 @@ What this implementation adds to the paper's loop, and why:
   in it, then those not yet visited, and the model that moved last. Why that order: in an
   incremental pass the last model's target is the mean of all the others, so if no model moved
   in the restart its target and its start (its own basis) are exactly those of its all-others
-  alignment, and that result is reused instead of aligning it again (up to the rounding of the
-  running sum, which is built in another order). Everything else is incremental from there, so
+  alignment, so that alignment goes on from where it stopped instead of starting again (up to the
+  rounding of the running sum, which is built in another order). Until a model moves, each
+  alignment of the pass (N > 2) runs one sweep only: a sweep that changes something raises the
+  objective, so no later sweep brings the model back to its own basis, and one sweep decides
+  whether the pass restarts; a blurred target's further sweeps were the larger part of the cost
+  on permuted inputs. Everything else is incremental from there, so
   permuted inputs recover what the incremental start recovers. If no weighted model moved, one
   more alignment checks the reference against the mean of the others (its result is only a
   test: the reference is never permuted): with the reference fixed, N - 1 unmoved models cannot
@@ -608,7 +612,10 @@ def merge_many(
                 spec,
                 target,
                 model,
-                max_iter=max_iter,
+                # auto's pass 1 before a move (n > 2): one sweep decides whether the model moves (a
+                # sweep that changes something raises the objective, so no later sweep can bring it
+                # back to its own basis), and a model that moves restarts the pass.
+                max_iter=1 if trying and n > 2 and max_iter > 0 else max_iter,
                 seed=seed,
                 threads=threads,
                 device=device,
@@ -715,8 +722,13 @@ def merge_many(
                 i = queue[k]
                 k += 1
                 if kept is not None and i == kept[0] and not moved_since_restart:
-                    reuse(*kept)
-                    continue
+                    if kept[2]:
+                        reuse(*kept)
+                        continue
+                    # Its one-sweep answer had not converged: the alignment goes on from there
+                    # (same target, the model at that answer) instead of starting again.
+                    perms[i] = kept[1]
+                    visited.add(i)
                 position += 1
                 changed, distance = align(i, pass_index, position, planned)
                 distances.append(distance)
