@@ -9,7 +9,10 @@ timesteps and noise, per width:
 1. independent: two models from different seeds (init and data order); loss of
    (1 - lambda) A + lambda B at 25 lambdas, plain and with B aligned to A by weight matching;
 2. fine-tunes: model 1 fine-tuned on digits 0-4 and, separately, on 5-9; same two curves;
-3. many: four independent models, plain average vs MergeMany (Git Re-Basin, Alg. 3).
+3. many: four independent models, plain average vs MergeMany (Git Re-Basin, Alg. 3);
+4. controls (issue 20.3, `--regimes controls`): model 1 against a random legal permutation of
+   itself (re-basin must bring the barrier to 0 and move every permuted unit back), and model 1
+   against a model of the same init trained on another data order (a small barrier).
 
 Each width can run in its own process (`--widths 16` and `--widths 32` side by side); each writes
 benchmarks/results/quality_c<W>.json, then the table, quality.json and quality.png of every width
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality import data, measure, models  # noqa: E402
 from benchmarks.quality.train import TrainConfig, train  # noqa: E402
 from sd_mecha_rebasin import PermutationSpec, apply_permutation, merge_many, permutation_spec, weight_matching  # noqa: E402
+from sd_mecha_rebasin.permutations.spec import random_permutation  # noqa: E402
 
 LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
@@ -160,6 +164,18 @@ def run_width(
     out["independent"] = pair_regime(width, spec, ind[0], ind[1], evals, args.threads)
     save(out)
 
+    if "controls" in args.regimes:
+        log(f"{width.name}: control, model 1 against a random legal permutation of itself")
+        copy = apply_permutation(spec, random_permutation(spec, seed=5), ind[0])
+        out["permuted_copy"] = pair_regime(width, spec, ind[0], copy, evals, args.threads)
+        config = TrainConfig(steps=args.steps, seed=9, batch=args.batch, lr=args.lr)
+        other_order = trained(
+            cache, width, "init1-order9", lambda: models.build(width, 1), train_data, config
+        )
+        log(f"{width.name}: control, same init, another data order")
+        out["data_order"] = pair_regime(width, spec, ind[0], other_order, evals, args.threads)
+        save(out)
+
     if "finetunes" not in args.regimes:
         return out
     fts = []
@@ -194,13 +210,14 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for name in ("independent", "finetunes"):
+        for name in ("independent", "finetunes", "permuted_copy", "data_order"):
             if name not in r:
                 continue
             x = r[name]
+            ratio = f"{x['barrier_rebased'] / x['barrier_plain']:.2f}x" if x["barrier_plain"] > 0 else "-"
             lines.append(
                 f"| {r['width']} | {name} | {x['loss_a']:.4f} / {x['loss_b']:.4f} | {x['barrier_plain']:.4f} | "
-                f"{x['barrier_rebased']:.4f} ({x['barrier_rebased'] / x['barrier_plain']:.2f}x) | "
+                f"{x['barrier_rebased']:.4f} ({ratio}) | "
                 f"{x['midpoint_plain']:.4f} | {x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
             )
         if "many" in r:
@@ -274,7 +291,7 @@ def main() -> None:
         "--regimes",
         type=lambda s: tuple(s.split(",")),
         default=("independent", "finetunes", "many"),
-        help="which regimes after `independent` (always run): finetunes, many",
+        help="which regimes after `independent` (always run): controls, finetunes, many",
     )
     p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
