@@ -36,8 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import data, measure, models  # noqa: E402
 from benchmarks.quality.train import TrainConfig, train  # noqa: E402
-from sd_mecha_rebasin import PermutationSpec, apply_permutation, merge_many, permutation_spec, weight_matching  # noqa: E402
-from sd_mecha_rebasin.permutations.spec import random_permutation  # noqa: E402
+from sd_mecha_rebasin import (  # noqa: E402
+    PermutationSpec,
+    apply_permutation,
+    merge_many,
+    permutation_spec,
+    random_permutation,
+    weight_matching,
+)
 
 LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 

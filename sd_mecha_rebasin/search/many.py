@@ -43,8 +43,9 @@ What this implementation adds to the paper's loop, and why:
   in it, then those not yet visited, and the model that moved last. Why that order: in an
   incremental pass the last model's target is the mean of all the others, so if no model moved
   in the restart its target and its start (its own basis) are exactly those of its all-others
-  alignment, so that alignment goes on from where it stopped instead of starting again (up to the
-  rounding of the running sum, which is built in another order). Until a model moves, each
+  alignment, so that alignment's answer is kept if it converged, and otherwise goes on from where
+  it stopped instead of starting again (up to the rounding of the running sum, which is built in
+  another order). Until a model moves, each
   alignment of the pass (N > 2) runs one sweep only: a sweep that changes something raises the
   objective, so no later sweep brings the model back to its own basis, and one sweep decides
   whether the pass restarts; a blurred target's further sweeps were the larger part of the cost
@@ -683,15 +684,16 @@ def merge_many(
             from_reference()
             exact_sum_norm, rounded = None, False
 
-        def reuse(i: int, found: Permutations, done: bool) -> None:
-            """Place model i at the permutations of its all-others alignment (the same target and
-            start as this last incremental alignment: see the module docstring), without aligning it."""
+        def reuse(i: int, found: Permutations) -> None:
+            """Place model i at the converged permutations of its all-others alignment (the same
+            target and start as this last incremental alignment: see the module docstring), without
+            aligning it."""
             fp8_as = sum_dtype if compact else torch.float16
             model = _load(spec, models[i], keys, found, fp8_as, narrow_to(), None, i)
             update(model, c * u[i])
             del model
             perms[i] = found
-            place(i, not _is_identity(found), done)
+            place(i, not _is_identity(found), True)
 
         for pass_index in range(1, max_passes + 1):
             t_pass = time.perf_counter()
@@ -722,12 +724,13 @@ def merge_many(
                 i = queue[k]
                 k += 1
                 if kept is not None and i == kept[0] and not moved_since_restart:
-                    if kept[2]:
-                        reuse(*kept)
+                    _, found, done = kept
+                    if done:
+                        reuse(i, found)
                         continue
                     # Its one-sweep answer had not converged: the alignment goes on from there
                     # (same target, the model at that answer) instead of starting again.
-                    perms[i] = kept[1]
+                    perms[i] = found
                     visited.add(i)
                 position += 1
                 changed, distance = align(i, pass_index, position, planned)
