@@ -12,7 +12,16 @@ timesteps and noise, per width:
 3. many: four independent models, plain average vs MergeMany (Git Re-Basin, Alg. 3);
 4. controls (issue 20.3, `--regimes controls`): model 1 against a random legal permutation of
    itself (re-basin must bring the barrier to 0 and move every permuted unit back), and model 1
-   against a model of the same init trained on another data order (a small barrier).
+   against a model of the same init trained on another data order (a small barrier);
+5. drift (issue 20.1, `--regimes drift`): fine-tunes of model 1 pushed ever further from it (longer,
+   with a larger learning rate: `--drift-levels STEPS:LR,...`), one on digits 0-4 and one on 5-9;
+   per level, each fine-tune's drift ||ft - base|| / ||base|| per component, and the pair regime
+   of the two fine-tunes against each other and of each against the base. The independent models'
+   own drift from their init is reported beside them, as the far end of the scale;
+6. relaxed (issue 20.3, `--regimes relaxed`): the independent pair aligned as if GroupNorm had one
+   group (channels free across groups): B's endpoint then computes another function, whose own loss
+   is reported (`loss_b_aligned`), so the cost of the group's exactness can be read off.
+Every pair regime also reports its curves and barriers per timestep range (`by_timestep`).
 
 Each width can run in its own process (`--widths 16` and `--widths 32` side by side); each writes
 benchmarks/results/quality_c<W>.json, then the table, quality.json and quality.png of every width
@@ -83,6 +92,68 @@ def trained(
     return sd
 
 
+def drift(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||after - before|| / ||before|| over all weights, the text encoder and the UNet."""
+    text = [k for k in before if k.startswith(models.CLIP_PREFIX)]
+    unet = [k for k in before if not k.startswith(models.CLIP_PREFIX)]
+    return {
+        name: measure.relative_change(before, after, keys)
+        for name, keys in (("all", list(before)), ("text", text), ("unet", unet))
+    }
+
+
+def drift_regime(
+    args: argparse.Namespace,
+    width: models.Width,
+    spec: PermutationSpec,
+    base: dict[str, torch.Tensor],
+    train_data: data.Digits,
+    evals: measure.EvalSet,
+    save: Callable[[list[dict]], None],
+) -> list[dict]:
+    """Per drift level: two fine-tunes of `base` (digits 0-4 and 5-9), their drift, and the pair
+    regime of A vs B, A vs base, B vs base. `save(levels)` after each level."""
+    cache = Path(args.cache)
+    levels = []
+    for steps, lr in args.drift_levels:
+        fts = []
+        for classes, seed in zip((LOW, HIGH), args.ft_seeds):
+            config = TrainConfig(steps=steps, seed=seed, batch=args.batch, lr=lr, warmup=min(20, steps // 10))
+            tag = "drift" + "".join(map(str, classes)) + f"-w{config.warmup}-from-ind1"
+            fts.append(
+                trained(
+                    cache,
+                    width,
+                    tag,
+                    lambda: models.from_ldm(width, {k: v.clone() for k, v in base.items()}),
+                    train_data.subset(classes),
+                    config,
+                )
+            )
+        a, b = fts
+        level = {
+            "steps": steps,
+            "lr": lr,
+            "drift_a": drift(base, a),
+            "drift_b": drift(base, b),
+            "drift_a_b": drift(a, b),
+        }
+        log(
+            f"{width.name} drift {steps} steps lr {lr:g}: UNet drift {level['drift_a']['unet']:.3f} / "
+            f"{level['drift_b']['unet']:.3f}, text {level['drift_a']['text']:.3f} / {level['drift_b']['text']:.3f}"
+        )
+        for name, x, y in (("a_b", a, b), ("a_base", a, base), ("b_base", b, base)):
+            level[name] = pair_regime(width, spec, x, y, evals, args.threads)
+            r = level[name]
+            log(
+                f"  {name}: barrier {r['barrier_plain']:.4f} plain, {r['barrier_rebased']:.4f} re-based, "
+                f"{r['units_moved']} of {r['units_total']} units moved, ||A - pi(B)|| / ||A - B|| {r['rel_distance']:.4f}"
+            )
+        levels.append(level)
+        save(levels)
+    return levels
+
+
 def pair_regime(
     width: models.Width,
     spec: PermutationSpec,
@@ -97,8 +168,8 @@ def pair_regime(
     match_s = time.time() - start
     b_aligned = apply_permutation(spec, result.perms, b)
     moved, total = measure.units_moved(result.perms)
-    plain = measure.curve(width, a, b, evals)
-    rebased = measure.curve(width, a, b_aligned, evals)
+    plain, plain_t = measure.curve_parts(width, a, b, evals)
+    rebased, rebased_t = measure.curve_parts(width, a, b_aligned, evals)
     mid = len(measure.LAMBDAS) // 2
     return {
         "lambdas": list(measure.LAMBDAS),
@@ -110,6 +181,14 @@ def pair_regime(
         "midpoint_rebased": rebased[mid],
         "loss_a": plain[0],
         "loss_b": plain[-1],
+        "loss_b_aligned": rebased[-1],
+        "by_timestep": {
+            "buckets": [list(b) for b in measure.TIME_BUCKETS],
+            "plain": plain_t,
+            "rebased": rebased_t,
+            "barrier_plain": [measure.barrier(c) for c in plain_t],
+            "barrier_rebased": [measure.barrier(c) for c in rebased_t],
+        },
         "units_moved": moved,
         "units_total": total,
         "rel_distance": result.rel_distance,
@@ -160,6 +239,7 @@ def run_width(
         return trained(cache, width, "ind", lambda: models.build(width, seed), train_data, config)
 
     ind = [scratch(1), scratch(2)]
+    inits = [models.to_ldm(models.build(width, seed)) for seed in (1, 2)]
     out = {
         "width": width.name,
         "unet_channels": width.unet,
@@ -168,7 +248,26 @@ def run_width(
     }
     log(f"{width.name}: independent pair")
     out["independent"] = pair_regime(width, spec, ind[0], ind[1], evals, args.threads)
+    out["independent"]["drift_from_init"] = [drift(i, m) for i, m in zip(inits, ind)]
+    del inits
     save(out)
+
+    if "relaxed" in args.regimes:
+        log(f"{width.name}: independent pair aligned with GroupNorm groups relaxed (changes B's function)")
+        relaxed_arch = models.arch(width)
+        relaxed_arch["unet"] = {**relaxed_arch["unet"], "groupnorm_groups": 1}
+        relaxed = permutation_spec("sd1-ldm", arch=relaxed_arch, shapes=models.ldm_shapes(width))
+        out["relaxed_groups"] = pair_regime(width, relaxed, ind[0], ind[1], evals, args.threads)
+        save(out)
+
+    if "drift" in args.regimes:
+
+        def save_levels(levels):
+            out["drift"] = levels
+            save(out)
+
+        log(f"{width.name}: drifted fine-tunes of model 1")
+        drift_regime(args, width, spec, ind[0], train_data, evals, save_levels)
 
     if "controls" in args.regimes:
         log(f"{width.name}: control, model 1 against a random legal permutation of itself")
@@ -216,16 +315,30 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for name in ("independent", "finetunes", "permuted_copy", "data_order"):
+        for name in ("independent", "finetunes", "permuted_copy", "data_order", "relaxed_groups"):
             if name not in r:
                 continue
             x = r[name]
             ratio = f"{x['barrier_rebased'] / x['barrier_plain']:.2f}x" if x["barrier_plain"] > 0 else "-"
+            loss_b = f"{x['loss_b']:.4f}"
+            if name == "relaxed_groups":  # B aligned this way is another function: its own loss too
+                loss_b += f" (aligned: {x['loss_b_aligned']:.4f})"
             lines.append(
-                f"| {r['width']} | {name} | {x['loss_a']:.4f} / {x['loss_b']:.4f} | {x['barrier_plain']:.4f} | "
+                f"| {r['width']} | {name} | {x['loss_a']:.4f} / {loss_b} | {x['barrier_plain']:.4f} | "
                 f"{x['barrier_rebased']:.4f} ({ratio}) | "
                 f"{x['midpoint_plain']:.4f} | {x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
             )
+        for level in r.get("drift", []):
+            for name in ("a_b", "a_base", "b_base"):
+                x = level[name]
+                ratio = f"{x['barrier_rebased'] / x['barrier_plain']:.2f}x" if x["barrier_plain"] > 0 else "-"
+                d = level["drift_a"]["unet"], level["drift_b"]["unet"]
+                lines.append(
+                    f"| {r['width']} | drift {level['steps']}@{level['lr']:g} {name} (UNet {d[0]:.3f} / {d[1]:.3f}) | "
+                    f"{x['loss_a']:.4f} / {x['loss_b']:.4f} | {x['barrier_plain']:.4f} | "
+                    f"{x['barrier_rebased']:.4f} ({ratio}) | {x['midpoint_plain']:.4f} | "
+                    f"{x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
+                )
         if "many" in r:
             m = r["many"]
             mean_ind = sum(m["individual"]) / len(m["individual"])
@@ -277,6 +390,59 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_drift(results: list[dict], path: Path) -> None:
+    """One panel per width: barriers (plain, re-based) of the two fine-tunes against each other and
+    the share of units moved, against the fine-tunes' mean UNet drift from their base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    results = [r for r in results if r.get("drift")]
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        levels = r["drift"]
+        x = [0.5 * (lv["drift_a"]["unet"] + lv["drift_b"]["unet"]) for lv in levels]
+        for name, style, label in (("a_b", "-", "A vs B"), ("a_base", ":", "A vs base")):
+            ax.plot(
+                x,
+                [lv[name]["barrier_plain"] for lv in levels],
+                "o" + style,
+                color="C0",
+                label=f"{label}: plain",
+            )
+            ax.plot(
+                x,
+                [lv[name]["barrier_rebased"] for lv in levels],
+                "s" + style,
+                color="C1",
+                label=f"{label}: re-basin",
+            )
+        ind = r["independent"]
+        ind_drift = sum(d["unet"] for d in ind["drift_from_init"]) / len(ind["drift_from_init"])
+        ax.axvline(ind_drift, color="0.6", ls="--", lw=1, label="independent models' drift from init")
+        ax.set_xlabel("fine-tune UNet drift ||ft - base|| / ||base||")
+        ax.set_ylabel("loss barrier (held-out)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{r['width']}: drifted fine-tunes of one base")
+        moved = ax.twinx()
+        moved.plot(
+            x,
+            [lv["a_b"]["units_moved"] / lv["a_b"]["units_total"] for lv in levels],
+            "^-",
+            color="C2",
+            alpha=0.6,
+        )
+        moved.set_ylabel("units moved, A vs B (share)", color="C2")
+        moved.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", default="16,32", help="UNet base channels (SD1: 320), comma-separated")
@@ -291,13 +457,19 @@ def main() -> None:
         default=(11, 12),
         help="seeds of the two fine-tunes (digits 0-4, digits 5-9)",
     )
+    p.add_argument(
+        "--drift-levels",
+        type=lambda s: tuple((int(a), float(b)) for a, b in (x.split(":") for x in s.split(","))),
+        default=((100, 3e-4), (300, 1e-3), (1000, 3e-3), (1000, 1e-2)),
+        help="fine-tune STEPS:LR pairs of the drift regime, from the usual fine-tune to far past it",
+    )
     p.add_argument("--draws", type=int, default=1, help="(timestep, noise) draws per held-out image")
     p.add_argument("--threads", type=int, default=1, help="torch and matching threads")
     p.add_argument(
         "--regimes",
         type=lambda s: tuple(s.split(",")),
         default=("independent", "finetunes", "many"),
-        help="which regimes after `independent` (always run): controls, finetunes, many",
+        help="which regimes after `independent` (always run): controls, relaxed, drift, finetunes, many",
     )
     p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -335,8 +507,15 @@ def report(out: Path) -> None:
     )
     results = [s["result"] for s in runs]
     (out / "quality.json").write_text(json.dumps({"runs": runs}, indent=1))
-    plot(results, out / "quality.png")
     print(table(results))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"no plot drawn: matplotlib is missing (pip install -e '.[bench]'); the figures are in {out}")
+        return
+    plot(results, out / "quality.png")
+    if any(r.get("drift") for r in results):
+        plot_drift(results, out / "quality_drift.png")
 
 
 if __name__ == "__main__":

@@ -104,3 +104,18 @@ def test_units_moved_and_average():
     assert measure.units_moved({"a": np.array([1, 0, 2]), "b": np.arange(4)}) == (2, 7)
     avg = measure.average([{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}])
     assert torch.equal(avg["w"], torch.tensor([2.0, 4.0]))
+
+
+def test_loss_per_timestep_range(digits, pair):
+    """loss_parts: the total is `loss` bit for bit, and the per-range means, weighted by how many
+    samples fall in each range, give the total back (each sample counted once)."""
+    _, evals = digits
+    a, _ = pair
+    total, parts = measure.loss_parts(WIDTH, a, evals)
+    assert total == measure.loss(WIDTH, a, evals)
+    counts = [int(((evals.t >= lo) & (evals.t < hi)).sum()) for lo, hi in measure.TIME_BUCKETS]
+    assert sum(counts) == len(evals.t)
+    present = [(p, c) for p, c in zip(parts, counts) if c]
+    assert len(present) >= 2  # the fixed draw spreads the 24 samples over several ranges
+    assert sum(p * c for p, c in present) / sum(counts) == pytest.approx(total, rel=1e-12)
+    assert len({round(p, 9) for p, _ in present}) == len(present)  # ranges really differ

@@ -18,6 +18,8 @@ from .models import Width, from_ldm
 from .train import TIMESTEPS, add_noise
 
 LAMBDAS = tuple(float(x) for x in np.linspace(0.0, 1.0, 25))  # the paper's 25 points
+TIME_BUCKETS = ((0, 250), (250, 500), (500, 750), (750, TIMESTEPS))
+"""Timestep ranges [lo, hi) the loss is also reported per (a merge may fail at high noise only)."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,31 @@ def eval_set(held: Digits, *, draws: int = 1, seed: int = 1234) -> EvalSet:
 
 def loss(width: Width, state_dict: Mapping[str, torch.Tensor], data: EvalSet, batch: int = 512) -> float:
     """Mean squared error of the predicted noise over `data` (float64 sum of float32 errors)."""
+    return loss_parts(width, state_dict, data, batch)[0]
+
+
+def loss_parts(
+    width: Width, state_dict: Mapping[str, torch.Tensor], data: EvalSet, batch: int = 512
+) -> tuple[float, list[float]]:
+    """(`loss`, the same mean per `TIME_BUCKETS` range) from one set of forward passes; the first is
+    bit for bit `loss`'s (same summation order). A bucket without samples is NaN."""
     model = from_ldm(width, dict(state_dict))
     total = 0.0
+    sums = torch.zeros(len(TIME_BUCKETS), dtype=torch.float64)
+    counts = torch.zeros(len(TIME_BUCKETS), dtype=torch.float64)
+    per_sample = data.eps[0].numel()
     with torch.no_grad():
         for i in range(0, len(data.t), batch):
             s = slice(i, i + batch)
             pred = model(data.x_t[s], data.t[s], data.labels[s])
-            total += (pred - data.eps[s]).square().double().sum().item()
-    return total / data.eps.numel()
+            err = (pred - data.eps[s]).square().double()
+            total += err.sum().item()
+            sample = err.sum(dim=tuple(range(1, err.ndim)))
+            for j, (lo, hi) in enumerate(TIME_BUCKETS):
+                mask = (data.t[s] >= lo) & (data.t[s] < hi)
+                sums[j] += sample[mask].sum()
+                counts[j] += int(mask.sum()) * per_sample
+    return total / data.eps.numel(), [float(x) for x in sums / counts]
 
 
 def interpolate(
@@ -68,6 +87,18 @@ def curve(
 ) -> list[float]:
     """Loss at each lambda of (1 - lambda) a + lambda b."""
     return [loss(width, interpolate(a, b, lam), data) for lam in lambdas]
+
+
+def curve_parts(
+    width: Width,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    data: EvalSet,
+    lambdas: Sequence[float] = LAMBDAS,
+) -> tuple[list[float], list[list[float]]]:
+    """(`curve`, one curve per `TIME_BUCKETS` range) from the same forward passes."""
+    parts = [loss_parts(width, interpolate(a, b, lam), data) for lam in lambdas]
+    return [p[0] for p in parts], [[p[1][j] for p in parts] for j in range(len(TIME_BUCKETS))]
 
 
 def barrier(losses: Sequence[float]) -> float:
