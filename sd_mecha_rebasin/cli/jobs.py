@@ -40,7 +40,6 @@ from ..files.checkpoint import (
     is_merged_key,
     merge_policy,
     open_checkpoint,
-    register_pickle_format,
     release_pickles,
     validate,
 )
@@ -211,7 +210,6 @@ def load_inputs(
     When a file written by `sd-rebasin demo` (marked in its metadata) takes part, both are checked
     against the demo's small layout instead of the family's: a full-size model then fails validation.
     """
-    register_pickle_format()
     a = open_checkpoint(a_path)
     detect_family(a)
     b = open_checkpoint(b_path)
@@ -800,7 +798,6 @@ def describe_checkpoint(
 ) -> dict[str, Any]:
     """What `inspect` reports about one file."""
     opts = opts or RunOptions()
-    register_pickle_format()
     try:
         ckpt = open_checkpoint(path)
         config = detect_family(ckpt)

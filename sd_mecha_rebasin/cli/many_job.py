@@ -32,7 +32,6 @@ from ..files.checkpoint import (
     detect_family,
     is_merged_key,
     open_checkpoint,
-    register_pickle_format,
     release_pickles,
     validate,
 )
@@ -190,7 +189,6 @@ def load_many(
     paths: Sequence[pathlib.Path], ref: int, opts: RunOptions
 ) -> tuple[list[Checkpoint], RunOptions]:
     """Open, identify and validate every input from its header; warn about a file given twice."""
-    register_pickle_format()
     ckpts = []
     for path in paths:
         ckpt = open_checkpoint(path)
