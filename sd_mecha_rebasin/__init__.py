@@ -1,9 +1,10 @@
 """Exact Git Re-Basin for Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL), as an sd-mecha merge method.
 
-Importing the package registers the `sd2-ldm` model config with sd-mecha, the `git_rebasin` merge
-method, and its implementations of sd-mecha's `rebasin` interface for sd1-ldm, sd2-ldm and sdxl-sgm
-(`mecha.interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2 and SDXL, and the
-conversion of SD1 block weights to sd2-ldm keys (`mecha.blocks`).
+Importing the package registers the `sd2-ldm` model config with sd-mecha, model formats that read
+pickles, GGUF, fp8 scaled files and other tools' key layouts (`files.sd_mecha_formats`), the
+`git_rebasin` merge method, and its implementations of sd-mecha's `rebasin` interface for sd1-ldm,
+sd2-ldm and sdxl-sgm (`mecha.interface`), so that `sd_mecha.rebasin(a, ref)` is exact for SD1, SD2
+and SDXL, and the conversion of SD1 block weights to sd2-ldm keys (`mecha.blocks`).
 
 The folders are the layers, lowest first: `common`, `model_configs`, `permutations`,
 `architectures`, `search`, `files`, `mecha`, `cli`; a module imports only from its own layer or
@@ -23,8 +24,7 @@ from .common import sd_mecha_compat  # noqa: E402, F401  (torch and sd-mecha: af
 
 _testhooks.pause("importing")
 
-from .files import key_layouts as _key_layouts  # noqa: E402
-from .files.quantized import register_sd_mecha_formats  # noqa: E402
+from .files import sd_mecha_formats as _sd_mecha_formats  # noqa: E402
 from .mecha.input_channels import fill_input_channels  # noqa: E402
 from .mecha.merge_method import rebasin  # noqa: E402
 from .mecha.merge_method_many import rebasin_many  # noqa: E402
@@ -39,8 +39,7 @@ from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_man
 from .search.matching import MatchResult, SweepStats, weight_matching  # noqa: E402
 
 register_model_configs()
-register_sd_mecha_formats()  # sd-mecha reads GGUF and fp8 scaled files dequantized (files/quantized.py)
-_key_layouts.register_sd_mecha_formats()  # and other tools' key layouts as canonical (files/key_layouts.py)
+_sd_mecha_formats.register()  # sd-mecha reads pickles, GGUF, fp8 scaled files and other tools' key layouts
 
 from .mecha import blocks, interface, unet_only  # noqa: E402, F401  (register on import; need the configs above)
 

@@ -18,8 +18,8 @@ from support.quirks import SD1_CLIP, UNET
 from sd_mecha_rebasin.cli.commands import main
 from sd_mecha_rebasin.cli.jobs import RunOptions, run
 from sd_mecha_rebasin.common.errors import UserError
-from sd_mecha_rebasin.files import key_kinds, key_layouts
-from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint, register_pickle_format
+from sd_mecha_rebasin.files import key_kinds, key_layouts, sd_mecha_formats
+from sd_mecha_rebasin.files.checkpoint import detect_family, open_checkpoint
 
 G = quirks.SDXL_CLIP_G
 H = quirks.SD2_CLIP_H
@@ -80,8 +80,8 @@ def read_all(path: pathlib.Path) -> dict[str, torch.Tensor]:
 def sd_mecha_read(path: pathlib.Path) -> dict[str, torch.Tensor]:
     from sd_mecha.extensions import model_formats
 
-    register_pickle_format()
-    reader = model_formats.resolve("single_file").get_read_dict(path, 1 << 20)
+    (fmt,) = [f for f in model_formats.get_all() if f.matches(path)]  # one format per file kind
+    reader = fmt.get_read_dict(path, 1 << 20)
     try:
         return {k: reader[k] for k in reader.keys()}
     finally:
@@ -434,3 +434,87 @@ def test_sd_mecha_recipes_read_forge_files_as_canonical(tmp_path):
         UNET + "out.2.weight",
     ):
         assert torch.allclose(out[key], torch.lerp(a[key], b[key], 0.5), atol=1e-6), key
+
+
+# --------------------------------------------------------------------------------------------
+# sd-mecha's model formats (files/sd_mecha_formats.py)
+
+IMPORT_ALONE = """
+import sys
+
+import sd_mecha
+import torch
+
+import sd_mecha_rebasin
+
+a, b, out = sys.argv[1:4]
+recipe = sd_mecha.weighted_sum(sd_mecha.model(a, "sd1-ldm"), sd_mecha.model(b, "sd1-ldm"), alpha=0.5)
+merged = {}
+sd_mecha.merge(recipe, output=merged, output_dtype=torch.float32, threads=1, check_extra_keys=False)
+merged.pop("__metadata__", None)
+torch.save(merged, out)
+"""
+
+
+def test_importing_the_package_lets_sd_mecha_read_pickles(tmp_path):
+    """As inside ComfyUI: a fresh process that only imports the package merges two .ckpt files
+    through sd-mecha (one of them saved under DDP's `module.` prefix: read as canonical too)."""
+    import os
+    import subprocess
+    import sys
+
+    a, b = tiny("sd1", 0), tiny("sd1", 1)
+    fa = quirks.save_ckpt(tmp_path / "a.ckpt", a, "state_dict")
+    fb = quirks.save_ckpt(tmp_path / "b.pt", b, "module_prefix")
+    out = tmp_path / "merged.pt"
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALONE, str(fa), str(fb), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    merged = torch.load(out, weights_only=True)
+    assert sorted(merged) == sorted(a)
+    for key, value in a.items():
+        assert torch.allclose(merged[key], torch.lerp(value, b[key], 0.5), atol=1e-6), key
+
+
+def test_register_twice_wraps_every_format_once(tmp_path, monkeypatch):
+    """`register()` is idempotent: one format per file kind, every reader wrapped once (a Forge file
+    still reads as canonical), and a format registered since the last call is wrapped too."""
+    from sd_mecha.extensions import model_formats
+
+    sd_mecha_formats.register()
+    readers = {id(f): f.get_read_dict for f in model_formats.get_all()}
+    sd_mecha_formats.register()
+    assert {id(f): f.get_read_dict for f in model_formats.get_all()} == readers
+    for name in ("x.ckpt", "x.pt", "x.pth", "x.gguf", "x.safetensors"):
+        assert len([f for f in model_formats.get_all() if f.matches(pathlib.Path(name))]) == 1, name
+
+    sd = tiny("sdxl", 0)
+    forge = quirks.to_forge(sd)
+    assert_equal_dicts(sd_mecha_read(quirks.save(tmp_path / "forge.safetensors", forge, metadata=None)), sd)
+    assert_equal_dicts(sd_mecha_read(quirks.save_ckpt(tmp_path / "forge.ckpt", forge, "state_dict")), sd)
+
+    monkeypatch.setattr(model_formats, "_model_format_registry", dict(model_formats._model_format_registry))
+
+    class OtherPackagesFormat:  # e.g. a plugin's: reads .other files (here: pickles)
+        def matches(self, path: pathlib.Path) -> bool:
+            return path.suffix == ".other"
+
+        def get_read_dict(self, path: pathlib.Path, buffer_size: int):
+            return sd_mecha_formats.ReadDict(sd_mecha_formats.pickle_source(path))
+
+        def get_write_dict(self, path, model_config, mecha_recipe, buffer_size):
+            raise NotImplementedError
+
+    model_formats.register_model_format(OtherPackagesFormat, identifier="test_other_format")
+    other = quirks.save_ckpt(tmp_path / "forge.other", forge, "plain")
+    assert sorted(sd_mecha_read(other)) == sorted(forge)  # not wrapped yet: the file's own keys
+    sd_mecha_formats.register()
+    assert_equal_dicts(sd_mecha_read(other), sd)

@@ -40,15 +40,14 @@ from ..files.checkpoint import (
     is_merged_key,
     merge_policy,
     open_checkpoint,
-    register_pickle_format,
     release_pickles,
     validate,
 )
 from ..files.output import AtomicOutput, anonymize_recipe, build_metadata, legacy_hash, sha256_file
 from ..files.repairs import repair_position_ids
 from ..files.variants import check_variant_pair, input_channels, variant_of
+from ..mecha import recipes
 from ..mecha.blocks import Alpha
-from ..mecha.input_channels import fill_input_channels
 from ..model_configs.unet_only import ldm_names
 from .progress import Progress, capture_logging, warn
 
@@ -211,7 +210,6 @@ def load_inputs(
     When a file written by `sd-rebasin demo` (marked in its metadata) takes part, both are checked
     against the demo's small layout instead of the family's: a full-size model then fails validation.
     """
-    register_pickle_format()
     a = open_checkpoint(a_path)
     detect_family(a)
     b = open_checkpoint(b_path)
@@ -337,19 +335,15 @@ def _in_background(fn: Callable[[], Any]) -> Any:
     return box.get("value")
 
 
-def _rebasin_node(model: Any, ref: Any, opts: RunOptions) -> Any:
-    """`git_rebasin(model, ref)`: `model` permuted into `ref`'s basis (a recipe node)."""
-    from ..mecha.merge_method import rebasin
-
-    return rebasin(
-        model,
-        ref,
-        iters=opts.iters,
-        seed=opts.seed,
-        threads=opts.threads,
-        device=opts.device,
-        precision=opts.precision,
-    )
+def _rebasin_options(opts: RunOptions) -> dict[str, Any]:
+    """The options of `git_rebasin` / `git_rebasin_many` that the command line sets."""
+    return {
+        "iters": opts.iters,
+        "seed": opts.seed,
+        "threads": opts.threads,
+        "device": opts.device,
+        "precision": opts.precision,
+    }
 
 
 def _arch(config: str, arch: Mapping[str, Mapping[str, Any]] | None) -> contextlib.AbstractContextManager:
@@ -395,15 +389,6 @@ def unet_only_note(a: Checkpoint, b: Checkpoint, base: Checkpoint) -> str | None
 
 def _has_vae(ckpt: Checkpoint) -> bool:
     return any(k.startswith("first_stage_model.") for k in ckpt.canonical.values())
-
-
-def recipe_model(ckpt: Checkpoint, config: str) -> Any:
-    """`sd_mecha.model` of a checkpoint in `config`'s key names (converted from a UNet-only layout
-    through `mecha.unet_only`'s conversions where its own config differs)."""
-    import sd_mecha
-
-    node = sd_mecha.model(str(ckpt.path.resolve()), ckpt.config)
-    return node if ckpt.config == config else sd_mecha.convert(node, config)
 
 
 def _kept_category(config: str, key: str) -> str:
@@ -509,8 +494,6 @@ def run(
     """
     if mode not in ("merge", "align", "average"):
         raise ValueError(f"unknown mode {mode!r}")
-    import sd_mecha
-
     t0 = time.perf_counter()
     a_path, b_path, output = pathlib.Path(a_path), pathlib.Path(b_path), pathlib.Path(output)
     device = check_device(opts.device)
@@ -545,30 +528,13 @@ def run(
 
             config = base.config
             assert config is not None
-            model_a = recipe_model(a, config)
-            model_b = recipe_model(b, config)
-            if mode in ("average", "merge"):
-                other = model_b if mode == "average" else _rebasin_node(model_b, model_a, opts)
-                if (input_channels(a.canonical_shapes()) or 0) > (input_channels(b.canonical_shapes()) or 0):
-                    other = fill_input_channels(other, model_a)  # A's extra input channels kept as they are
-                recipe = sd_mecha.weighted_sum(model_a, other, alpha=alpha_node)
-            else:
-                recipe = _rebasin_node(model_b, model_a, opts)
+            recipe = recipes.pair_recipe(mode, a, b, config, alpha_node, _rebasin_options(opts))
 
             merged: dict[str, Any] = {}
 
             def merge() -> None:
                 testhooks.pause("merging")
-                sd_mecha.merge(
-                    recipe,
-                    output=merged,
-                    output_dtype=dtype,
-                    merge_device="cpu",
-                    threads=opts.threads or None,
-                    tqdm=progress.tqdm_factory(),
-                    check_extra_keys=False,
-                    omit_non_finite_inputs=False,
-                )
+                recipes.merge_into(recipe, merged, dtype, opts.threads or None, progress.tqdm_factory())
 
             try:
                 with capture_logging(opts.quiet), _arch(config, opts.arch), _reading_inputs():
@@ -800,7 +766,6 @@ def describe_checkpoint(
 ) -> dict[str, Any]:
     """What `inspect` reports about one file."""
     opts = opts or RunOptions()
-    register_pickle_format()
     try:
         ckpt = open_checkpoint(path)
         config = detect_family(ckpt)

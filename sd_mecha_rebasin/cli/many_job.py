@@ -32,13 +32,13 @@ from ..files.checkpoint import (
     detect_family,
     is_merged_key,
     open_checkpoint,
-    register_pickle_format,
     release_pickles,
     validate,
 )
 from ..files.lazy import FileStateDict
 from ..files.output import PACKAGE, anonymize_recipe, input_records, metadata_fields, package_version
 from ..files.variants import VARIANTS, input_channels
+from ..mecha import recipes
 from ..search.many import (
     DEFAULT_MAX_PASSES,
     DEFAULT_START,
@@ -57,6 +57,7 @@ from .jobs import (
     RunOptions,
     _hash_inputs,
     _perm_spec,
+    _rebasin_options,
     assemble,
     check_device,
     check_spec,
@@ -190,7 +191,6 @@ def load_many(
     paths: Sequence[pathlib.Path], ref: int, opts: RunOptions
 ) -> tuple[list[Checkpoint], RunOptions]:
     """Open, identify and validate every input from its header; warn about a file given twice."""
-    register_pickle_format()
     ckpts = []
     for path in paths:
         ckpt = open_checkpoint(path)
@@ -292,25 +292,16 @@ def recipe_text(
     low_memory: bool = False,
 ) -> str:
     """The merge as an sd-mecha recipe (`git_rebasin_many` over the inputs), model paths as file names."""
-    import sd_mecha
-
-    from ..mecha.merge_method_many import rebasin_many
-
-    nodes = [sd_mecha.model(str(c.path.resolve()), c.config) for c in ckpts]
-    node = rebasin_many(
-        *nodes,
+    node = recipes.many_recipe(
+        ckpts,
         weights=",".join(repr(float(w)) for w in weights),
         ref=ref,
         max_passes=max_passes,
-        iters=opts.iters,
-        seed=opts.seed,
-        threads=opts.threads,
-        device=opts.device,
-        precision=opts.precision,
+        **_rebasin_options(opts),
         start=start,
         low_memory=low_memory,
     )
-    text = sd_mecha.serialize(node, finalize=False)
+    text = recipes.serialize(node)
     return anonymize_recipe(text, {str(c.path.resolve()): c.name for c in ckpts})
 
 

@@ -15,8 +15,9 @@ are refused (they would stay unpermuted). Files in other tools' key layouts are 
 (`key_layouts`), before detection.
 
 Legacy `.ckpt` / `.pt` / `.pth` pickles are read with `torch.load(weights_only=True)` (memory-mapped
-when the file is in the zip format) and handed to sd-mecha through a model format registered by
-`register_pickle_format()`, so sd-mecha streams them like safetensors and recipes name the real file.
+when the file is in the zip format) and handed to sd-mecha through the model format that
+`sd_mecha_formats.register()` adds, so sd-mecha streams them like safetensors and recipes name the
+real file.
 """
 
 from __future__ import annotations
@@ -625,68 +626,3 @@ def ema_map(keys: Iterable[str], unet_keys: Iterable[str]) -> dict[str, str]:
             if target is not None:
                 out[key] = target
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# sd-mecha model format for pickles
-
-
-def register_pickle_format() -> None:
-    """Let sd-mecha read .ckpt/.pt/.pth files (through `load_pickle`); safe to call repeatedly."""
-    import sd_mecha.extensions.model_formats as formats
-    from sd_mecha.streaming import SafetensorsMapping, StateDictKeyError, TensorMetadata
-
-    quantized.register_sd_mecha_formats()  # GGUF and fp8 scaled files read dequantized
-    probe = pathlib.Path("probe.ckpt")
-    if any(fmt.matches(probe) for fmt in formats.get_all()):
-        key_layouts.register_sd_mecha_formats()
-        return
-
-    class PickleStateDict(SafetensorsMapping):
-        def __init__(self, path: pathlib.Path):
-            self.sd = load_pickle(path)
-
-        def __getitem__(self, key: str) -> torch.Tensor:
-            if key not in self.sd:
-                raise StateDictKeyError(key)
-            return self.sd[key].clone()
-
-        def __iter__(self):
-            return iter(self.sd)
-
-        def __len__(self) -> int:
-            return len(self.sd)
-
-        def __contains__(self, item) -> bool:
-            return item in self.sd
-
-        def keys(self):
-            return self.sd.keys()
-
-        def metadata(self):
-            for key, t in self.sd.items():
-                yield key, TensorMetadata(t.shape, t.dtype)
-
-        def values(self):
-            for key in self.sd:
-                yield self[key]
-
-        def items(self):
-            for key in self.sd:
-                yield key, self[key]
-
-        def close(self) -> None:
-            pass
-
-    class PickleFormat:
-        def matches(self, path: pathlib.Path) -> bool:
-            return path.suffix.lower() in PICKLE_SUFFIXES
-
-        def get_read_dict(self, path: pathlib.Path, buffer_size: int):
-            return PickleStateDict(path)
-
-        def get_write_dict(self, path, model_config, mecha_recipe, buffer_size):
-            raise RuntimeError("sd_mecha_rebasin writes safetensors only")
-
-    formats.register_model_format(PickleFormat, identifier="sd_mecha_rebasin_torch_pickle")
-    key_layouts.register_sd_mecha_formats()  # every format reads other tools' layouts as canonical

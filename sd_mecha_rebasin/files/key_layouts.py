@@ -5,7 +5,7 @@ The canonical layout is the one A1111, Forge and ComfyUI load and sd-mecha's `sd
 transformers' layout, SD2 OpenCLIP-H in open_clip's), `conditioner.embedders.0.transformer.` and
 `conditioner.embedders.1.model.` (SDXL), `first_stage_model.`. Every file is read through `plan`:
 when its keys are in another layout, `Layout` says which canonical key comes from which file keys,
-and `Checkpoint.iter_tensors` and the sd-mecha reader (`register_sd_mecha_formats`) both yield the
+and `Checkpoint.iter_tensors` and the sd-mecha reader (`sd_mecha_formats`) both yield the
 canonical keys. The output is therefore always canonical. Renaming is exact: a key keeps its
 tensor; OpenCLIP's fused `in_proj` is the concatenation of transformers' q, k, v (rows [0:d] q,
 [d:2d] k, [2d:3d] v) and its `text_projection` (used as `x @ W`) is the transpose of transformers'
@@ -326,78 +326,3 @@ def refuse_diffusers_folder(path: pathlib.Path) -> None:
             "convert_diffusers_to_original_sdxl.py (SDXL), then give the .safetensors file",
             path,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# sd-mecha
-
-
-def register_sd_mecha_formats() -> None:
-    """Make every sd-mecha model format read files in the canonical layout (safe to call repeatedly).
-
-    Wraps each registered format's `get_read_dict`: a file whose keys are canonical is read by the
-    format's own reader, unchanged; another is read through `Layout`. Call it after the other
-    formats are registered (`checkpoint.register_pickle_format` does).
-    """
-    import sd_mecha.extensions.model_formats as formats
-
-    for fmt in formats.get_all():
-        if getattr(fmt, "_sd_rebasin_canonical", False):
-            continue
-        own = fmt.get_read_dict
-
-        def get_read_dict(path: pathlib.Path, buffer_size: int, own=own):
-            inner = own(path, buffer_size)
-            shapes, dtypes = {}, {}
-            for key, meta in inner.metadata():
-                shapes[key], dtypes[key] = tuple(meta.shape), meta.dtype
-            layout = plan(path, shapes, dtypes)
-            return inner if layout.identity else _mapping(inner, layout)
-
-        fmt.get_read_dict = get_read_dict
-        fmt._sd_rebasin_canonical = True
-
-
-def _mapping(inner, layout: Layout):
-    """sd-mecha's read-dict interface over `inner` (a read dict in the file's keys), canonical keys."""
-    from sd_mecha.streaming import SafetensorsMapping, StateDictKeyError, TensorMetadata
-
-    def read_file(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in keys:
-            yield key, inner[key]
-
-    class CanonicalStateDict(SafetensorsMapping):
-        def __getitem__(self, key: str) -> torch.Tensor:
-            if key not in layout.sources:
-                raise StateDictKeyError(key)
-            ((_, tensor),) = layout.read([key], read_file)
-            return tensor
-
-        def __iter__(self):
-            return iter(layout.sources)
-
-        def __len__(self) -> int:
-            return len(layout.sources)
-
-        def __contains__(self, item) -> bool:
-            return item in layout.sources
-
-        def keys(self):
-            return layout.sources.keys()
-
-        def metadata(self):
-            for key, shape in layout.shapes.items():
-                yield key, TensorMetadata(torch.Size(shape), layout.dtypes[key])
-
-        def values(self):
-            for key in layout.sources:
-                yield self[key]
-
-        def items(self):
-            for key in layout.sources:
-                yield key, self[key]
-
-        def close(self) -> None:
-            inner.close()
-
-    return CanonicalStateDict()

@@ -363,7 +363,7 @@ def is_gguf(head: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# sd-mecha
+# Either format, by file (what `sd_mecha_formats` reads through)
 
 
 def open_quantized(path: str | os.PathLike) -> ScaledFp8File | GGUFFile | None:
@@ -377,81 +377,3 @@ def open_quantized(path: str | os.PathLike) -> ScaledFp8File | GGUFFile | None:
     except (HeaderError, OSError):
         return None
     return open_scaled_fp8(path, header)
-
-
-def register_sd_mecha_formats() -> None:
-    """Make sd-mecha read quantized files dequantized (safe to call repeatedly).
-
-    Registers a `.gguf` model format, and wraps the `get_read_dict` of sd-mecha's builtin
-    `single_file` format (a `.safetensors` file may match one format only): a file with fp8 scales
-    is read through `ScaledFp8File`, a bitsandbytes / NVFP4 file is refused (UserError), and every
-    other file is read by sd-mecha's own reader, unchanged.
-    """
-    import sd_mecha.extensions.model_formats as formats
-
-    single = next((f for f in formats.get_all() if getattr(f, "identifier", None) == "single_file"), None)
-    if single is not None and not getattr(single, "_sd_rebasin_dequantizes", False):
-        own = single.get_read_dict
-
-        def get_read_dict(path: pathlib.Path, buffer_size: int):
-            source = open_quantized(path)
-            return own(path, buffer_size) if source is None else _mapping(source)
-
-        single.get_read_dict = get_read_dict
-        single._sd_rebasin_dequantizes = True
-    probe = pathlib.Path("probe.gguf")
-    if any(fmt.matches(probe) for fmt in formats.get_all()):
-        return
-
-    class GGUFFormat:
-        def matches(self, path: pathlib.Path) -> bool:
-            return path.suffix.lower() in GGUF_SUFFIXES
-
-        def get_read_dict(self, path: pathlib.Path, buffer_size: int):
-            return _mapping(open_gguf(path))
-
-        def get_write_dict(self, path, model_config, mecha_recipe, buffer_size):
-            raise RuntimeError("sd_mecha_rebasin writes safetensors only")
-
-    formats.register_model_format(GGUFFormat, identifier="sd_mecha_rebasin_gguf")
-
-
-def _mapping(source: ScaledFp8File | GGUFFile):
-    """sd-mecha's read-dict interface over a dequantizing reader."""
-    from sd_mecha.streaming import SafetensorsMapping, StateDictKeyError, TensorMetadata
-
-    class DequantizedStateDict(SafetensorsMapping):
-        def __getitem__(self, key: str) -> torch.Tensor:
-            if key not in source.shapes:
-                raise StateDictKeyError(key)
-            ((_, tensor),) = source.read_tensors([key])
-            return tensor
-
-        def __iter__(self):
-            return iter(source.shapes)
-
-        def __len__(self) -> int:
-            return len(source.shapes)
-
-        def __contains__(self, item) -> bool:
-            return item in source.shapes
-
-        def keys(self):
-            return source.shapes.keys()
-
-        def metadata(self):
-            for key, shape in source.shapes.items():
-                yield key, TensorMetadata(torch.Size(shape), source.dtypes[key])
-
-        def values(self):
-            for key in source.shapes:
-                yield self[key]
-
-        def items(self):
-            for key in source.shapes:
-                yield key, self[key]
-
-        def close(self) -> None:
-            pass
-
-    return DequantizedStateDict()

@@ -77,9 +77,9 @@ def component_of(family: str, key: str) -> str:
 def _from_sd_mecha(ident: str, components: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """Float keys of the given sd-mecha config components (integer buffers and, in the
     diffuser, the non-weight metadata such as SDXL's ``edm_vpred.*`` are left out)."""
-    from sd_mecha.extensions import model_configs
+    from . import resolve  # the package's gateway to sd-mecha's configs (it does not import this module)
 
-    config_components = model_configs.resolve(ident).components()
+    config_components = resolve(ident).components()
     shapes: dict[str, tuple[int, ...]] = {}
     for name in components:
         for key, meta in config_components[name].keys().items():
