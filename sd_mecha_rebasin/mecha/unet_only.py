@@ -16,43 +16,33 @@ from ..model_configs import register_model_configs
 from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, UnetOnlyLayout, ldm_names
 
 
+def _conversion(source, target, names: dict[str, str]) -> None:
+    """Register sd-mecha's conversion `source` -> `target` config; `names` maps each target key to
+    the source key it is read from (tensors pass through untouched)."""
+
+    @merge_method(
+        identifier=f"convert_'{source.identifier}'_to_'{target.identifier}'",
+        is_conversion=True,
+        reuse_outputs=False,
+    )
+    class rename:
+        @staticmethod
+        def map_keys(b):
+            for name, source_name in names.items():
+                b[name] = b.keys[source_name]
+
+        def __call__(self, model: Parameter(StateDict[Tensor], model_config=source), **kwargs) -> Return(
+            Tensor, model_config=target
+        ):
+            return model[names[kwargs["key"]]]
+
+
 def _register(layout: UnetOnlyLayout) -> None:
     own = model_configs.resolve(layout.identifier)
     full = model_configs.resolve(layout.full)
-    to_full = ldm_names(layout.identifier)
-    to_own = {ldm: name for name, ldm in to_full.items()}
-
-    @merge_method(
-        identifier=f"convert_'{own.identifier}'_to_'{full.identifier}'",
-        is_conversion=True,
-        reuse_outputs=False,
-    )
-    class unet_only_to_full:
-        @staticmethod
-        def map_keys(b):
-            for name, ldm in to_full.items():
-                b[ldm] = b.keys[name]
-
-        def __call__(self, unet: Parameter(StateDict[Tensor], model_config=own), **kwargs) -> Return(
-            Tensor, model_config=full
-        ):
-            return unet[to_own[kwargs["key"]]]
-
-    @merge_method(
-        identifier=f"convert_'{full.identifier}'_to_'{own.identifier}'",
-        is_conversion=True,
-        reuse_outputs=False,
-    )
-    class full_to_unet_only:
-        @staticmethod
-        def map_keys(b):
-            for name, ldm in to_full.items():
-                b[name] = b.keys[ldm]
-
-        def __call__(self, model: Parameter(StateDict[Tensor], model_config=full), **kwargs) -> Return(
-            Tensor, model_config=own
-        ):
-            return model[to_full[kwargs["key"]]]
+    to_full = ldm_names(layout.identifier)  # own key -> full config's key
+    _conversion(own, full, {ldm: name for name, ldm in to_full.items()})
+    _conversion(full, own, to_full)
 
 
 def register_conversions() -> None:
