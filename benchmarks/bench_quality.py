@@ -20,7 +20,10 @@ timesteps and noise, per width:
    own drift from their init is reported beside them, as the far end of the scale;
 6. relaxed (issue 20.3, `--regimes relaxed`): the independent pair aligned as if GroupNorm had one
    group (channels free across groups): B's endpoint then computes another function, whose own loss
-   is reported (`loss_b_aligned`), so the cost of the group's exactness can be read off.
+   is reported (`loss_b_aligned`), so the cost of the group's exactness can be read off;
+7. collapse corrections (issue 20.2, `--regimes repair`): for the independent pair, the re-based
+   curve again with REPAIR (Jordan et al., ICLR 2023) and with a data-free row rescale applied at
+   each lambda (benchmarks/quality/repair.py), a midpoint sweep over layer families, and timings.
 Every pair regime also reports its curves and barriers per timestep range (`by_timestep`).
 
 Each width can run in its own process (`--widths 16` and `--widths 32` side by side); each writes
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import data, measure, models  # noqa: E402
+from benchmarks.quality import repair as collapse  # noqa: E402
 from benchmarks.quality.train import TrainConfig, train  # noqa: E402
 from sd_mecha_rebasin import (  # noqa: E402
     PermutationSpec,
@@ -161,8 +165,10 @@ def pair_regime(
     b: dict[str, torch.Tensor],
     evals: measure.EvalSet,
     threads: int,
+    corrections: bool = False,
 ) -> dict:
-    """Plain and re-based curves between a and b, barriers, midpoints, units moved."""
+    """Plain and re-based curves between a and b, barriers, midpoints, units moved; with
+    `corrections`, also the REPAIR and rescale curves of the re-based merge (`correction_regime`)."""
     start = time.time()
     result = weight_matching(spec, a, b, seed=0, threads=threads)
     match_s = time.time() - start
@@ -171,7 +177,7 @@ def pair_regime(
     plain, plain_t = measure.curve_parts(width, a, b, evals)
     rebased, rebased_t = measure.curve_parts(width, a, b_aligned, evals)
     mid = len(measure.LAMBDAS) // 2
-    return {
+    out = {
         "lambdas": list(measure.LAMBDAS),
         "plain": plain,
         "rebased": rebased,
@@ -195,6 +201,80 @@ def pair_regime(
         "sweeps": len(result.history) - 1,
         "match_s": match_s,
     }
+    if corrections:
+        out["corrections"] = correction_regime(width, a, b_aligned, evals, plain, rebased)
+    return out
+
+
+def correction_regime(
+    width: models.Width,
+    a: dict[str, torch.Tensor],
+    b_aligned: dict[str, torch.Tensor],
+    evals: measure.EvalSet,
+    plain: list[float],
+    rebased: list[float],
+    families: tuple[str, ...] = collapse.DEFAULT_FAMILIES,
+) -> dict:
+    """Re-based merge with a collapse correction recomputed at each lambda: REPAIR (statistics on
+    self-generated inputs, `collapse.stat_inputs`) and the data-free rescale, on the layers of
+    `families`, and REPAIR on every Linear/Conv2d layer (`repair_all`, the paper's choice); their
+    curves, barriers and ratios to the plain barrier, seconds per correction, and the lambda = 0.5
+    loss with each layer family corrected alone."""
+    inputs = collapse.stat_inputs()
+    every = collapse.layer_names(width, ["all"])
+    start = time.time()
+    forward_all = collapse.sd_forward(width, inputs, every)
+    stats_all = (collapse.channel_stats(forward_all, a), collapse.channel_stats(forward_all, b_aligned))
+    stats_s = time.time() - start
+
+    def methods(layers: list[str]) -> dict[str, Callable[[float], dict[str, torch.Tensor]]]:
+        forward = collapse.sd_forward(width, inputs, layers)
+        stats = tuple({n: s[n] for n in layers} for s in stats_all)
+        return {
+            "repair": lambda lam: collapse.repair_with(forward, a, b_aligned, lam, stats),
+            "rescale": lambda lam: collapse.rescale(a, b_aligned, lam, layers),
+        }
+
+    mid = len(measure.LAMBDAS) // 2
+    sweep = {}
+    for family in collapse.FAMILIES:
+        layers = collapse.layer_names(width, [family])
+        sweep[family] = {
+            "layers": len(layers),
+            **{k: measure.loss(width, f(0.5), evals) for k, f in methods(layers).items()},
+        }
+        log(f"{width.name}: lambda 0.5 with {family} corrected: {sweep[family]}")
+
+    layers = collapse.layer_names(width, families)
+    out = {
+        "families": list(families),
+        "layers": len(layers),
+        "layers_all": len(every),
+        "stat_samples": len(inputs.t),
+        "stats_s": stats_s,
+        "midpoint_by_family": sweep,
+        "midpoint_uncorrected": rebased[mid],
+    }
+    barrier_plain = measure.barrier(plain)
+    runs = [*methods(layers).items(), ("repair_all", methods(every)["repair"])]
+    for name, correct in runs:
+        losses, seconds = [], []
+        for lam in measure.LAMBDAS:
+            start = time.time()
+            sd = correct(lam)
+            seconds.append(time.time() - start)
+            losses.append(measure.loss(width, sd, evals))
+        # The correction is the identity at the endpoints: their losses are the models' own.
+        assert losses[0] == rebased[0] and losses[-1] == rebased[-1], (name, losses[0], losses[-1])
+        inner = seconds[1:-1]
+        out[name] = losses
+        out[f"barrier_{name}"] = measure.barrier(losses)
+        out[f"ratio_{name}_to_plain"] = measure.barrier(losses) / barrier_plain
+        out[f"midpoint_{name}"] = losses[mid]
+        out[f"{name}_s_per_lambda"] = sum(inner) / len(inner)
+        log(f"{width.name}: re-based + {name}: barrier {out[f'barrier_{name}']:.4f}")
+    out["ratio_rebased_to_plain"] = measure.barrier(rebased) / barrier_plain
+    return out
 
 
 def many_regime(
@@ -247,7 +327,9 @@ def run_width(
         "ft_seeds": list(args.ft_seeds),
     }
     log(f"{width.name}: independent pair")
-    out["independent"] = pair_regime(width, spec, ind[0], ind[1], evals, args.threads)
+    out["independent"] = pair_regime(
+        width, spec, ind[0], ind[1], evals, args.threads, corrections="repair" in args.regimes
+    )
     out["independent"]["drift_from_init"] = [drift(i, m) for i, m in zip(inits, ind)]
     del inits
     save(out)
@@ -328,6 +410,15 @@ def table(results: list[dict]) -> str:
                 f"{x['barrier_rebased']:.4f} ({ratio}) | "
                 f"{x['midpoint_plain']:.4f} | {x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
             )
+            for method in ("repair", "rescale", "repair_all"):
+                if "corrections" in x:
+                    c = x["corrections"]
+                    count = c["layers_all"] if method == "repair_all" else c["layers"]
+                    lines.append(
+                        f"| {r['width']} | {name} re-based + {method} | - | - | "
+                        f"{c[f'barrier_{method}']:.4f} ({c[f'ratio_{method}_to_plain']:.2f}x) | - | "
+                        f"{c[f'midpoint_{method}']:.4f} | {count} layers, {c[f'{method}_s_per_lambda']:.2f} s |"
+                    )
         for level in r.get("drift", []):
             for name in ("a_b", "a_base", "b_base"):
                 x = level[name]
@@ -370,6 +461,16 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(
                 x["lambdas"], x["rebased"], "s-", ms=3, label=f"re-basin (barrier {x['barrier_rebased']:.4f})"
             )
+            for method, marker in (("repair", "^-"), ("rescale", "v-"), ("repair_all", "x-")):
+                if "corrections" in x:
+                    c = x["corrections"]
+                    ax.plot(
+                        x["lambdas"],
+                        c[method],
+                        marker,
+                        ms=3,
+                        label=f"re-basin + {method} (barrier {c[f'barrier_{method}']:.4f})",
+                    )
             ax.set_title(f"{r['width']}: {title}")
             ax.set_xlabel("lambda  ((1 - lambda) A + lambda B)")
             ax.set_ylabel("held-out denoising loss")
@@ -469,7 +570,7 @@ def main() -> None:
         "--regimes",
         type=lambda s: tuple(s.split(",")),
         default=("independent", "finetunes", "many"),
-        help="which regimes after `independent` (always run): controls, relaxed, drift, finetunes, many",
+        help="which regimes after `independent` (always run): controls, relaxed, drift, finetunes, many, repair",
     )
     p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -119,3 +119,45 @@ def test_loss_per_timestep_range(digits, pair):
     assert len(present) >= 2  # the fixed draw spreads the 24 samples over several ranges
     assert sum(p * c for p, c in present) / sum(counts) == pytest.approx(total, rel=1e-12)
     assert len({round(p, 9) for p, _ in present}) == len(present)  # ranges really differ
+
+
+def test_collapse_corrections(pair):
+    """REPAIR (benchmarks/quality/repair.py): the endpoints are the models themselves, the
+    algorithm's correction at lambda 0 is the identity, and at lambda 0.5 every chosen layer's
+    per-channel output std (and mean, where the layer has a bias) in the folded merge is the target
+    on the statistics inputs. The data-free rescale: exact endpoints, target row norms at 0.5."""
+    from benchmarks.quality import repair
+
+    a, b = pair
+    inputs = repair.stat_inputs(per_class=4)
+    layers = repair.layer_names(WIDTH, (*repair.DEFAULT_FAMILIES, "qk"))
+    forward = repair.sd_forward(WIDTH, inputs, layers)
+    stats_a, stats_b = repair.channel_stats(forward, a), repair.channel_stats(forward, b)
+    for lam, end in ((0.0, a), (1.0, b)):
+        for got in (
+            repair.repair(WIDTH, a, b, lam, inputs, layers),
+            repair.rescale(a, b, lam, layers),
+        ):
+            assert set(got) == set(a) and all(torch.equal(got[k], end[k]) for k in a)
+    for scale, shift in repair._corrections(forward, a, 0.0, stats_a, stats_b).values():
+        assert torch.allclose(scale, torch.ones_like(scale), atol=1e-6)
+        assert shift is None or float(shift.abs().max()) < 1e-6
+
+    merged = repair.repair_with(forward, a, b, 0.5, (stats_a, stats_b))
+    stats_m = repair.channel_stats(forward, merged)
+    plain = repair.channel_stats(forward, measure.interpolate(a, b, 0.5))
+    collapsed = 0
+    for name in layers:
+        (mu_a, sd_a), (mu_b, sd_b), (mu, sd) = stats_a[name], stats_b[name], stats_m[name]
+        target_sd = 0.5 * (sd_a + sd_b)
+        assert torch.allclose(sd, target_sd, rtol=1e-3, atol=1e-6), name
+        if name + ".bias" in a:
+            tol = 1e-3 * float(target_sd.max())
+            assert torch.allclose(mu, 0.5 * (mu_a + mu_b), rtol=1e-3, atol=tol), name
+        collapsed += int((plain[name][1] < target_sd).sum())
+    assert collapsed > 0  # the uncorrected merge has channels to repair
+
+    half = repair.rescale(a, b, 0.5, layers)
+    for name in layers:
+        rows = [m[name + ".weight"].double().flatten(1).norm(dim=1) for m in (a, b, half)]
+        assert torch.allclose(rows[2], 0.5 * (rows[0] + rows[1]), rtol=1e-6)
