@@ -86,7 +86,7 @@ def curve(
     lambdas: Sequence[float] = LAMBDAS,
 ) -> list[float]:
     """Loss at each lambda of (1 - lambda) a + lambda b."""
-    return [loss(width, interpolate(a, b, lam), data) for lam in lambdas]
+    return curve_parts(width, a, b, data, lambdas)[0]
 
 
 def curve_parts(
