@@ -150,12 +150,22 @@ def test_registered_under_its_own_identifier():
 # Exactness and quality
 
 
-def test_merging_ref_with_its_permuted_copy_gives_ref(tiny):
-    """(SD2 and SDXL: test_sd2_is_detected_without_a_config and the forward-pass test.)"""
+@pytest.fixture(scope="module")
+def ref_with_its_permuted_copy(tiny):
+    """sd1 `ref` merged with rebasin of its permuted copy (iters=50, threads=2) and the events heard:
+    one merge for the two tests that read it."""
     t = tiny("sd1")
     ref = t.model("ref", t.ref)
     b = t.model("ref_permuted", t.permuted(t.ref, seed=1))
-    assert_same(t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref), alpha=0.5)), t.ref)
+    received: list[tuple[str, dict]] = []
+    with events.listening(lambda event, data: received.append((event, data))):
+        out = t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref, iters=50), alpha=0.5), threads=2)
+    return out, received
+
+
+def test_merging_ref_with_its_permuted_copy_gives_ref(tiny, ref_with_its_permuted_copy):
+    """(SD2 and SDXL: test_sd2_is_detected_without_a_config and the forward-pass test.)"""
+    assert_same(ref_with_its_permuted_copy[0], tiny("sd1").ref)
 
 
 def test_fine_tune_merge_is_closer_to_ref_by_the_expected_factor(tiny):
@@ -164,9 +174,10 @@ def test_fine_tune_merge_is_closer_to_ref_by_the_expected_factor(tiny):
     t = tiny("sd1")
     noise = noise_like(t.ref, seed=2)
     ref = t.model("ref", t.ref)
-    b = t.model("fine_permuted", t.permuted(add(t.ref, noise), seed=1))
+    b_values = t.permuted(add(t.ref, noise), seed=1)
+    b = t.model("fine_permuted", b_values)
     aligned = t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref), alpha=0.5))
-    plain = t.merge(sd_mecha.weighted_sum(ref, b, alpha=0.5))
+    plain = {k: 0.5 * t.ref[k] + 0.5 * b_values[k] for k in t.ref}  # sd_mecha.weighted_sum(ref, b), 0.5
     half_noise = 0.5 * distance(noise, {k: torch.zeros_like(v) for k, v in noise.items()})
     assert distance(aligned, t.ref) == pytest.approx(half_noise, rel=1e-4)
     assert distance(plain, t.ref) > 50 * distance(aligned, t.ref)
@@ -182,12 +193,24 @@ def test_permuted_model_written_by_sd_mecha_computes_the_same_function(tiny, fam
     assert max_rel_error(run_model(family, "tiny", dict(b_values)), run_model(family, "tiny", out)) <= 1e-5
 
 
-def test_sd_mecha_threads_do_not_change_the_result(tiny):
-    t = tiny("sd1")
+def _fine5_recipe(t: Tiny, threads: int):
     ref = t.model("ref", t.ref)
     b = t.model("fine5_permuted6", t.permuted(t.fine_tune(seed=5), seed=6))
-    one = t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref, threads=1), alpha=0.4), threads=0)
-    assert_same(t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref, threads=2), alpha=0.4), threads=2), one)
+    return sd_mecha.weighted_sum(ref, rebasin(b, ref, iters=30, seed=3, threads=threads), alpha=0.4)
+
+
+@pytest.fixture(scope="module")
+def one_thread_merge(tiny):
+    """A recipe with non-default iters and seed, and its merge on one thread everywhere: the threads
+    test and the fresh-process round trip both compare against it."""
+    t = tiny("sd1")
+    recipe = _fine5_recipe(t, threads=1)
+    return recipe, t.merge(recipe, threads=0)
+
+
+def test_sd_mecha_threads_do_not_change_the_result(tiny, one_thread_merge):
+    t = tiny("sd1")
+    assert_same(t.merge(_fine5_recipe(t, threads=2), threads=2), one_thread_merge[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -311,14 +334,11 @@ def test_parameters_are_checked(tiny):
             t.merge(rebasin(ref, ref, **kwargs))
 
 
-def test_one_prepass_per_merge_with_progress_events(tiny):
+def test_one_prepass_per_merge_with_progress_events(tiny, ref_with_its_permuted_copy):
     t = tiny("sd1")
-    ref = t.model("ref", t.ref)
-    b = t.model("ref_permuted", t.permuted(t.ref, seed=1))
-    received: list[tuple[str, dict]] = []
-    with events.listening(lambda event, data: received.append((event, data))):
-        t.merge(sd_mecha.weighted_sum(ref, rebasin(b, ref, iters=50), alpha=0.5), threads=2)
-    received = [(e, d) for e, d in received if e in ("prepass_start", "sweep", "prepass_end")]
+    received = [
+        (e, d) for e, d in ref_with_its_permuted_copy[1] if e in ("prepass_start", "sweep", "prepass_end")
+    ]
     names = [event for event, _ in received]  # the other events: tests/test_progress.py
     assert names[0] == "prepass_start" and names[-1] == "prepass_end"
     assert names.count("prepass_start") == names.count("prepass_end") == 1
@@ -361,36 +381,39 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(tiny, tmp_path):
-    t = tiny("sd1")
-    ref = t.model("ref", t.ref)
-    b = t.model("fine61_permuted62", t.permuted(t.fine_tune(seed=61), seed=62))
-    recipe = sd_mecha.weighted_sum(ref, rebasin(b, ref, iters=30, seed=3), alpha=0.4)
+def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(one_thread_merge, tmp_path):
+    recipe, expected = one_thread_merge
     text = sd_mecha.serialize(recipe, finalize=False)  # finalizing would want the VAE keys
     assert 'merge "git_rebasin"' in text
     recipe_path = tmp_path / "recipe.mecha"
     recipe_path.write_text(text)
-    expected = t.merge(recipe)
 
+    # One fresh process for both checks (its imports cost seconds): first without the import, where
+    # sd-mecha does not know the method and its message names it; then with it, the merge.
     out = tmp_path / "out.safetensors"
     done = _run_python(f"""
-        import torch, sd_mecha, sd_mecha_rebasin
+        import pathlib, traceback, torch, sd_mecha
         torch.set_num_threads(1)
+        path = pathlib.Path({str(recipe_path)!r})
+        try:
+            sd_mecha.deserialize_path(path)
+        except Exception:
+            print("without the import:", traceback.format_exc())
+        else:
+            print("without the import: deserialized")
+        print("end of the check without the import")
+        import sd_mecha_rebasin
         from support.layouts import arch_overrides
         from sd_mecha_rebasin.mecha.merge_method import arch_override
-        recipe = sd_mecha.deserialize_path(__import__("pathlib").Path({str(recipe_path)!r}))
+        recipe = sd_mecha.deserialize_path(path)
         with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
             sd_mecha.merge(recipe, output={str(out)!r}, output_dtype=torch.float32, threads=0)
     """)
     assert done.returncode == 0, done.stderr
+    without_import = done.stdout.split("end of the check without the import")[0]
+    assert "without the import: deserialized" not in without_import
+    assert "unknown merge method: 'git_rebasin'" in without_import
     assert_same(load_file(str(out)), expected)
-
-    # without the import, sd-mecha does not know the method; its message names it
-    failed = _run_python(
-        f"import sd_mecha, pathlib; sd_mecha.deserialize_path(pathlib.Path({str(recipe_path)!r}))"
-    )
-    assert failed.returncode != 0
-    assert "unknown merge method: 'git_rebasin'" in failed.stderr
 
 
 @pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])

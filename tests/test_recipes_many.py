@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from support.layouts import arch_overrides
 from test_merge_method import _one_torch_thread, assert_same, tiny  # noqa: F401  (fixtures)
-from test_recipes import add_difference, merge, merge_mecha, models  # noqa: F401  (fixture)
+from test_recipes import TIES_MODELS, merge, merge_mecha, models, ties_expected  # noqa: F401  (fixture)
 
 from sd_mecha_rebasin.mecha.merge_method import arch_override
 
@@ -53,7 +53,5 @@ def test_merge_many_script_with_weights(models):  # noqa: F811
 
 
 def test_ties_over_mergemany_task_vectors(models):  # noqa: F811
-    m = models("M1 M2 M3", base=None, M1=1, M2=2, M3=3)
-    deltas = [m[name] - m["base"] for name in ("M1", "M2", "M3")]
-    expected = merge(add_difference(m["base"], sd_mecha.ties_sum(*deltas, k=0.2), alpha=1.0))
-    assert_same(merge_mecha("ties_many"), expected)
+    m = models(**TIES_MODELS)
+    assert_same(merge_mecha("ties_many"), ties_expected(m))
