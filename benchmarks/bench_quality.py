@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -284,23 +285,83 @@ def many_regime(
     evals: measure.EvalSet,
     threads: int,
 ) -> dict:
-    """Plain mean of N models vs MergeMany (Git Re-Basin, Alg. 3), and each model's own loss."""
+    """Plain mean of N models vs MergeMany (Git Re-Basin, Alg. 3), each with and without REPAIR
+    (`repair_many_with` on the default layer families, equal weights), and each model's own loss."""
     start = time.time()
     result = merge_many(spec, sds, threads=threads, seed=0)
     match_s = time.time() - start
     aligned = [apply_permutation(spec, p, m) for p, m in zip(result.perms, sds)]
     moved = [measure.units_moved(p)[0] for p in result.perms]
     individual = [measure.loss(width, m, evals) for m in sds]
+    forward = collapse.sd_forward(width, collapse.stat_inputs(), collapse.layer_names(width))
+    weights = [1.0 / len(sds)] * len(sds)
+    start = time.time()
+    repaired = {
+        name: measure.loss(width, collapse.repair_many_with(forward, group, weights), evals)
+        for name, group in (("plain_average_repair", sds), ("merge_many_repair", aligned))
+    }
+    repair_s = (time.time() - start) / 2
     return {
         "individual": individual,
         "plain_average": measure.loss(width, measure.average(sds), evals),
         "merge_many": measure.loss(width, measure.average(aligned), evals),
+        **repaired,
+        "repair_families": list(collapse.DEFAULT_FAMILIES),
+        "repair_s": repair_s,
         "units_moved": moved,
         "units_total": measure.units_moved(result.perms[0])[1],
         "passes": result.passes,
         "converged": result.converged,
         "match_s": match_s,
     }
+
+
+SOUP_SIZES = (2, 4, 8)
+
+
+def soups_regime(
+    args: argparse.Namespace,
+    width: models.Width,
+    spec: PermutationSpec,
+    base: dict[str, torch.Tensor],
+    train_data: data.Digits,
+    evals: measure.EvalSet,
+    save: Callable[[list[dict]], None],
+) -> list[dict]:
+    """Soups of fine-tunes of one base on different data (issue 20.2, the everyday case): for
+    N in SOUP_SIZES, N fine-tunes of `base` (--ft-steps at --ft-lr), fine-tune k on the k-th of N
+    contiguous chunks of the 10 digit classes; `many_regime` of the N (plain soup, MergeMany, each
+    with and without REPAIR) plus each fine-tune's drift from the base. `save(soups)` after each N."""
+    cache = Path(args.cache)
+    soups = []
+    for n in SOUP_SIZES:
+        fts = []
+        for k, chunk in enumerate(np.array_split(np.arange(10), n)):
+            classes = tuple(int(c) for c in chunk)
+            config = TrainConfig(steps=args.ft_steps, seed=100 + k, batch=args.batch, lr=args.ft_lr, warmup=5)
+            fts.append(
+                trained(
+                    cache,
+                    width,
+                    "soup" + "".join(map(str, classes)) + "-from-ind1",
+                    lambda: models.from_ldm(width, {key: v.clone() for key, v in base.items()}),
+                    train_data.subset(classes),
+                    config,
+                )
+            )
+        soup = many_regime(width, spec, fts, evals, args.threads)
+        soup["n"] = n
+        soup["classes"] = [[int(c) for c in chunk] for chunk in np.array_split(np.arange(10), n)]
+        soup["drift_unet"] = [drift(base, ft)["unet"] for ft in fts]
+        soups.append(soup)
+        mean_ind = sum(soup["individual"]) / n
+        log(
+            f"{width.name} soup of {n}: fine-tunes {mean_ind:.4f} (mean), soup {soup['plain_average']:.4f}, "
+            f"+ REPAIR {soup['plain_average_repair']:.4f}; MergeMany {soup['merge_many']:.4f} "
+            f"(units moved {soup['units_moved']}), + REPAIR {soup['merge_many_repair']:.4f}"
+        )
+        save(soups)
+    return soups
 
 
 def run_width(
@@ -319,6 +380,13 @@ def run_width(
         return trained(cache, width, "ind", lambda: models.build(width, seed), train_data, config)
 
     ind = [scratch(1), scratch(2)]
+
+    def many_of_four(out: dict) -> None:
+        four = [*ind, scratch(3), scratch(4)]
+        log(f"{width.name}: MergeMany of {len(four)}")
+        out["many"] = many_regime(width, spec, four, evals, args.threads)
+        save(out)
+
     inits = [models.to_ldm(models.build(width, seed)) for seed in (1, 2)]
     out = {
         "width": width.name,
@@ -363,7 +431,19 @@ def run_width(
         out["data_order"] = pair_regime(width, spec, ind[0], other_order, evals, args.threads)
         save(out)
 
+    if "soups" in args.regimes:
+
+        def save_soups(soups):
+            out["soups"] = soups
+            out["soups_base_loss"] = out["independent"]["loss_a"]
+            save(out)
+
+        log(f"{width.name}: soups of fine-tunes")
+        soups_regime(args, width, spec, ind[0], train_data, evals, save_soups)
+
     if "finetunes" not in args.regimes:
+        if "many" in args.regimes:
+            many_of_four(out)
         return out
     fts = []
     for classes, seed in zip((LOW, HIGH), args.ft_seeds):
@@ -384,10 +464,7 @@ def run_width(
     out["finetunes"]["loss_base"] = out["independent"]["loss_a"]
     save(out)
     if "many" in args.regimes:
-        ind += [scratch(3), scratch(4)]
-        log(f"{width.name}: MergeMany of {len(ind)}")
-        out["many"] = many_regime(width, spec, ind, evals, args.threads)
-        save(out)
+        many_of_four(out)
     return out
 
 
@@ -430,15 +507,69 @@ def table(results: list[dict]) -> str:
                     f"{x['barrier_rebased']:.4f} ({ratio}) | {x['midpoint_plain']:.4f} | "
                     f"{x['midpoint_rebased']:.4f} | {x['units_moved']} of {x['units_total']} |"
                 )
-        if "many" in r:
-            m = r["many"]
-            mean_ind = sum(m["individual"]) / len(m["individual"])
-            lines.append(
-                f"| {r['width']} | many (4) | mean {mean_ind:.4f} | n_average {m['plain_average']:.4f} "
-                f"({m['plain_average'] - mean_ind:+.4f}) | MergeMany {m['merge_many']:.4f} "
-                f"({m['merge_many'] - mean_ind:+.4f}) | - | - | {', '.join(map(str, m['units_moved']))} |"
-            )
     return "\n".join(lines)
+
+
+def many_table(results: list[dict]) -> str:
+    """MergeMany of independent models and soups of fine-tunes: the held-out loss of each merge,
+    with and without REPAIR, against the mean of the models' own losses (issue 20.2)."""
+    lines = [
+        "| width | models | own losses (mean) | plain average | + REPAIR | MergeMany | + REPAIR | units moved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows = [("4 independent", r["many"])] if "many" in r else []
+        rows += [
+            (f"soup of {x['n']} fine-tunes (UNet drift {sum(x['drift_unet']) / x['n']:.3f})", x)
+            for x in r.get("soups", [])
+        ]
+        for name, m in rows:
+            mean = sum(m["individual"]) / len(m["individual"])
+
+            def cell(key: str, m=m, mean=mean) -> str:
+                return f"{m[key]:.4f} (x{m[key] / mean:.2f})" if key in m else "-"
+
+            lines.append(
+                f"| {r['width']} | {name} | {mean:.4f} | {cell('plain_average')} | "
+                f"{cell('plain_average_repair')} | {cell('merge_many')} | {cell('merge_many_repair')} | "
+                f"{', '.join(map(str, m['units_moved']))} of {m['units_total']} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def plot_soups(results: list[dict], path: Path) -> None:
+    """One panel per width: loss of the soups of N fine-tunes (plain, + REPAIR) and of MergeMany of
+    4 independent models (plain, MergeMany, each + REPAIR), against the models' own mean loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in results if r.get("soups") or "many" in r]
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        groups = [(f"soup of {x['n']}", x) for x in r.get("soups", [])]
+        groups += [("4 independent", r["many"])] if "many" in r else []
+        bars = (
+            ("own (mean)", None, "0.6"),
+            ("plain average", "plain_average", "C0"),
+            ("+ REPAIR", "plain_average_repair", "C2"),
+            ("MergeMany", "merge_many", "C1"),
+            ("MergeMany + REPAIR", "merge_many_repair", "C3"),
+        )
+        step = 1.0 / (len(bars) + 1)
+        for j, (label, key, color) in enumerate(bars):
+            values = [
+                sum(m["individual"]) / len(m["individual"]) if key is None else m.get(key, float("nan"))
+                for _, m in groups
+            ]
+            ax.bar([i + j * step for i in range(len(groups))], values, step, label=label, color=color)
+        ax.set_xticks([i + 2 * step for i in range(len(groups))], [g for g, _ in groups])
+        ax.set_title(f"{r['width']}: merges of N models, with and without REPAIR")
+        ax.set_ylabel("held-out denoising loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -570,7 +701,7 @@ def main() -> None:
         "--regimes",
         type=lambda s: tuple(s.split(",")),
         default=("independent", "finetunes", "many"),
-        help="which regimes after `independent` (always run): controls, relaxed, drift, finetunes, many, repair",
+        help="which regimes after `independent` (always run): controls, relaxed, drift, finetunes, many, soups, repair",
     )
     p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -609,6 +740,9 @@ def report(out: Path) -> None:
     results = [s["result"] for s in runs]
     (out / "quality.json").write_text(json.dumps({"runs": runs}, indent=1))
     print(table(results))
+    many = many_table(results)
+    if many:
+        print("\n" + many)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -617,6 +751,8 @@ def report(out: Path) -> None:
     plot(results, out / "quality.png")
     if any(r.get("drift") for r in results):
         plot_drift(results, out / "quality_drift.png")
+    if any(r.get("soups") for r in results):
+        plot_soups(results, out / "quality_soups.png")
 
 
 if __name__ == "__main__":

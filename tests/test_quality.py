@@ -139,7 +139,7 @@ def test_collapse_corrections(pair):
             repair.rescale(a, b, lam, layers),
         ):
             assert set(got) == set(a) and all(torch.equal(got[k], end[k]) for k in a)
-    for scale, shift in repair._corrections(forward, a, 0.0, stats_a, stats_b).values():
+    for scale, shift in repair._corrections(forward, a, [1.0, 0.0], [stats_a, stats_b]).values():
         assert torch.allclose(scale, torch.ones_like(scale), atol=1e-6)
         assert shift is None or float(shift.abs().max()) < 1e-6
 
@@ -161,3 +161,34 @@ def test_collapse_corrections(pair):
     for name in layers:
         rows = [m[name + ".weight"].double().flatten(1).norm(dim=1) for m in (a, b, half)]
         assert torch.allclose(rows[2], 0.5 * (rows[0] + rows[1]), rtol=1e-6)
+
+
+def test_collapse_correction_of_many(pair):
+    """REPAIR of a weighted merge of N = 3 models: each chosen layer's per-channel std (and mean,
+    with a bias) in the folded merge is the weighted mean of the models' own; a single weight of 1
+    returns that model; two models at (1 - lam, lam) are `repair_with`'s merge bit for bit."""
+    from benchmarks.quality import repair
+
+    a, b = pair
+    c = {k: v.flip(0) if k.endswith(".bias") else v * 0.9 for k, v in a.items()}  # a third function
+    inputs = repair.stat_inputs(per_class=4)
+    layers = repair.layer_names(WIDTH)
+    forward = repair.sd_forward(WIDTH, inputs, layers)
+    models3, weights = [a, b, c], [0.2, 0.3, 0.5]
+    stats = [repair.channel_stats(forward, m) for m in models3]
+    merged = repair.repair_many_with(forward, models3, weights, stats)
+    got = repair.channel_stats(forward, merged)
+    for name in layers:
+        target_sd = sum(w * s[name][1] for w, s in zip(weights, stats))
+        assert torch.allclose(got[name][1], target_sd, rtol=1e-3, atol=1e-6), name
+        if name + ".bias" in a:
+            target_mu = sum(w * s[name][0] for w, s in zip(weights, stats))
+            tol = 1e-3 * float(target_sd.max())
+            assert torch.allclose(got[name][0], target_mu, rtol=1e-3, atol=tol), name
+    only = repair.repair_many_with(forward, models3, [0.0, 1.0, 0.0], stats)
+    assert all(torch.equal(only[k], b[k]) for k in b)
+    pair_merge = repair.repair_with(forward, a, b, 0.25, (stats[0], stats[1]))
+    many_merge = repair.repair_many_with(forward, [a, b], [0.75, 0.25], stats[:2])
+    assert all(torch.equal(pair_merge[k], many_merge[k]) for k in a)
+    with pytest.raises(ValueError, match="2 models for 3 weights"):
+        repair.repair_many_with(forward, [a, b], weights)

@@ -177,18 +177,19 @@ def _fold(sd: dict[str, torch.Tensor], name: str, scale: torch.Tensor, shift: to
 def _corrections(
     forward: Forward,
     merged: Mapping[str, torch.Tensor],
-    lam: float,
-    stats_a: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    stats_b: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[float],
+    stats: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Layer name -> (scale, shift or None) of REPAIR for `merged`, found in one pass with the
-    earlier layers' corrections applied to their outputs (the paper's BatchNorm-reset order)."""
+    """Layer name -> (scale, shift or None) of REPAIR for `merged` = sum_i weights[i] * model_i,
+    whose per-channel target is sum_i weights[i] * (mean_i, std_i) (`stats[i]`: model i's), found in
+    one pass with the earlier layers' corrections applied to their outputs (the paper's
+    BatchNorm-reset order)."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def hook(name: str, y: torch.Tensor) -> torch.Tensor:
         mean, std = _moments(y)
-        (mu_a, sd_a), (mu_b, sd_b) = stats_a[name], stats_b[name]
-        target_mean, target_std = (1 - lam) * mu_a + lam * mu_b, (1 - lam) * sd_a + lam * sd_b
+        target_mean = sum(w * s[name][0] for w, s in zip(weights, stats))
+        target_std = sum(w * s[name][1] for w, s in zip(weights, stats))
         dead = std <= 1e-12 * std.max().clamp_min(1e-30)  # a constant channel: leave it
         scale = torch.where(dead, 1.0, target_std / std.clamp_min(1e-30))
         shift = target_mean - scale * mean if name + ".bias" in merged else None
@@ -203,6 +204,36 @@ def _corrections(
     return out
 
 
+def repair_many_with(
+    forward: Forward,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    stats: Sequence[Mapping] | None = None,
+) -> dict[str, torch.Tensor]:
+    """REPAIR of the weighted merge sum_i weights[i] * models[i] of N models already in one basis
+    (MergeMany's aligned models, or a soup of fine-tunes), with any Forward. The target of each
+    channel is the same weighted mean of the models' own (mean, std): Jordan et al. 2023, Sec. 4.2,
+    for two models, and the direct extension to N. `weights` should sum to 1.
+
+    `stats`: channel_stats of each model (computed here when None). A single weight of 1 (the rest
+    0) returns that model as it is: the correction is then the identity, and exact."""
+    if len(models) != len(weights) or not models:
+        raise ValueError(f"{len(models)} models for {len(weights)} weights")
+    nonzero = [i for i, w in enumerate(weights) if w != 0.0]
+    if len(nonzero) == 1 and weights[nonzero[0]] == 1.0:
+        return dict(models[nonzero[0]])
+    stats = stats if stats is not None else [channel_stats(forward, m) for m in models]
+    merged = {}
+    for k in models[0]:
+        acc = weights[0] * models[0][k]
+        for m, w in zip(models[1:], weights[1:]):
+            acc = acc + w * m[k]
+        merged[k] = acc
+    for name, (scale, shift) in _corrections(forward, merged, weights, stats).items():
+        _fold(merged, name, scale, shift)
+    return merged
+
+
 def repair_with(
     forward: Forward,
     a: Mapping[str, torch.Tensor],
@@ -210,20 +241,13 @@ def repair_with(
     lam: float,
     stats: tuple[Mapping, Mapping] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """REPAIR of (1 - lam) a + lam b_aligned with any Forward (the layers are the Forward's).
+    """REPAIR of (1 - lam) a + lam b_aligned with any Forward (the layers are the Forward's):
+    `repair_many_with` of the two models at weights (1 - lam, lam).
 
     `stats`: (channel_stats of a, of b_aligned), computed here when None; they do not depend on
     lam, so a curve computes them once. At lam = 0 and 1 the target is the endpoint's own
     statistics and the correction is the identity: the endpoint is returned as it is (exact)."""
-    if lam in (0.0, 1.0):
-        return dict(a if lam == 0.0 else b_aligned)
-    stats_a, stats_b = (
-        stats if stats is not None else (channel_stats(forward, a), channel_stats(forward, b_aligned))
-    )
-    merged = {k: (1.0 - lam) * v + lam * b_aligned[k] for k, v in a.items()}
-    for name, (scale, shift) in _corrections(forward, merged, lam, stats_a, stats_b).items():
-        _fold(merged, name, scale, shift)
-    return merged
+    return repair_many_with(forward, [a, b_aligned], [1.0 - lam, lam], stats)
 
 
 def repair(
