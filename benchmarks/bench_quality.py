@@ -553,7 +553,7 @@ def plot_soups(results: list[dict], path: Path) -> None:
         bars = (
             ("own (mean)", None, "0.6"),
             ("plain average", "plain_average", "C0"),
-            ("+ REPAIR", "plain_average_repair", "C2"),
+            ("plain average + REPAIR", "plain_average_repair", "C2"),
             ("MergeMany", "merge_many", "C1"),
             ("MergeMany + REPAIR", "merge_many_repair", "C3"),
         )
