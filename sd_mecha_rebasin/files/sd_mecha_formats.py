@@ -128,7 +128,16 @@ def canonical_source(inner: SafetensorsMapping, layout: key_layouts.Layout) -> T
 # Formats
 
 
-class PickleFormat:
+class _ReadOnlyFormat:
+    """A format sd-mecha reads and never writes (its outputs are safetensors)."""
+
+    def get_write_dict(
+        self, path: pathlib.Path, model_config: object, mecha_recipe: str, buffer_size: int
+    ) -> NoReturn:
+        raise RuntimeError("sd_mecha_rebasin writes safetensors only")
+
+
+class PickleFormat(_ReadOnlyFormat):
     """sd-mecha's model format for `.ckpt` / `.pt` / `.pth` files (read only)."""
 
     def matches(self, path: pathlib.Path) -> bool:
@@ -137,13 +146,8 @@ class PickleFormat:
     def get_read_dict(self, path: pathlib.Path, buffer_size: int) -> ReadDict:
         return ReadDict(pickle_source(path))
 
-    def get_write_dict(
-        self, path: pathlib.Path, model_config: object, mecha_recipe: str, buffer_size: int
-    ) -> NoReturn:
-        raise RuntimeError("sd_mecha_rebasin writes safetensors only")
 
-
-class GGUFFormat:
+class GGUFFormat(_ReadOnlyFormat):
     """sd-mecha's model format for GGUF UNets, dequantized (read only)."""
 
     def matches(self, path: pathlib.Path) -> bool:
@@ -151,11 +155,6 @@ class GGUFFormat:
 
     def get_read_dict(self, path: pathlib.Path, buffer_size: int) -> ReadDict:
         return ReadDict(dequantized_source(quantized.open_gguf(path)))
-
-    def get_write_dict(
-        self, path: pathlib.Path, model_config: object, mecha_recipe: str, buffer_size: int
-    ) -> NoReturn:
-        raise RuntimeError("sd_mecha_rebasin writes safetensors only")
 
 
 _lock = threading.Lock()
