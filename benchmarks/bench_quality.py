@@ -97,6 +97,25 @@ def trained(
     return sd
 
 
+def fine_tuned(
+    cache: Path,
+    width: models.Width,
+    tag: str,
+    base: dict[str, torch.Tensor],
+    train_data: data.Digits,
+    config: TrainConfig,
+) -> dict[str, torch.Tensor]:
+    """`trained` starting from a copy of `base` (a fine-tune of it)."""
+    return trained(
+        cache,
+        width,
+        tag,
+        lambda: models.from_ldm(width, {k: v.clone() for k, v in base.items()}),
+        train_data,
+        config,
+    )
+
+
 def drift(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
     """||after - before|| / ||before|| over all weights, the text encoder and the UNet."""
     text = [k for k in before if k.startswith(models.CLIP_PREFIX)]
@@ -125,16 +144,7 @@ def drift_regime(
         for classes, seed in zip((LOW, HIGH), args.ft_seeds):
             config = TrainConfig(steps=steps, seed=seed, batch=args.batch, lr=lr, warmup=min(20, steps // 10))
             tag = "drift" + "".join(map(str, classes)) + f"-w{config.warmup}-from-ind1"
-            fts.append(
-                trained(
-                    cache,
-                    width,
-                    tag,
-                    lambda: models.from_ldm(width, {k: v.clone() for k, v in base.items()}),
-                    train_data.subset(classes),
-                    config,
-                )
-            )
+            fts.append(fine_tuned(cache, width, tag, base, train_data.subset(classes), config))
         a, b = fts
         level = {
             "steps": steps,
@@ -339,16 +349,8 @@ def soups_regime(
         for k, chunk in enumerate(np.array_split(np.arange(10), n)):
             classes = tuple(int(c) for c in chunk)
             config = TrainConfig(steps=args.ft_steps, seed=100 + k, batch=args.batch, lr=args.ft_lr, warmup=5)
-            fts.append(
-                trained(
-                    cache,
-                    width,
-                    "soup" + "".join(map(str, classes)) + "-from-ind1",
-                    lambda: models.from_ldm(width, {key: v.clone() for key, v in base.items()}),
-                    train_data.subset(classes),
-                    config,
-                )
-            )
+            tag = "soup" + "".join(map(str, classes)) + "-from-ind1"
+            fts.append(fine_tuned(cache, width, tag, base, train_data.subset(classes), config))
         soup = many_regime(width, spec, fts, evals, args.threads)
         soup["n"] = n
         soup["classes"] = [[int(c) for c in chunk] for chunk in np.array_split(np.arange(10), n)]
@@ -449,16 +451,7 @@ def run_width(
     for classes, seed in zip((LOW, HIGH), args.ft_seeds):
         config = TrainConfig(steps=args.ft_steps, seed=seed, batch=args.batch, lr=args.ft_lr, warmup=5)
         tag = "ft" + "".join(map(str, classes)) + "-from-ind1"
-        fts.append(
-            trained(
-                cache,
-                width,
-                tag,
-                lambda: models.from_ldm(width, {k: v.clone() for k, v in ind[0].items()}),
-                train_data.subset(classes),
-                config,
-            )
-        )
+        fts.append(fine_tuned(cache, width, tag, ind[0], train_data.subset(classes), config))
     log(f"{width.name}: fine-tune pair")
     out["finetunes"] = pair_regime(width, spec, fts[0], fts[1], evals, args.threads)
     out["finetunes"]["loss_base"] = out["independent"]["loss_a"]
