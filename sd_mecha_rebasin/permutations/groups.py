@@ -167,6 +167,8 @@ def _best(node: Node, score: np.ndarray, solver: str | None) -> tuple[np.ndarray
                     k = a * m + b
                     pair_perm[a, b] = cols[k]
                     values[a, b] = subs[k][rows, cols[k]].sum()
+        elif m > 1 and _fixed_atoms(child):
+            _best_fixed_atoms(child, score, [offsets[i] for i in members], solver, pair_perm, values)
         else:
             for a, i in enumerate(members):
                 for b, j in enumerate(members):
@@ -179,6 +181,49 @@ def _best(node: Node, score: np.ndarray, solver: str | None) -> tuple[np.ndarray
             perm[offsets[i] : offsets[i + 1]] = offsets[j] + pair_perm[a, b]
             total += values[a, b]
     return perm, total
+
+
+def _fixed_atoms(node: Node) -> bool:
+    """A block of same-size atoms none of which may be exchanged (e.g. an attention head's query
+    and key halves): its best element is each atom's own assignment on its diagonal block."""
+    return (
+        isinstance(node, Block)
+        and len(set(node.kinds)) == len(node.kinds)
+        and all(isinstance(c, Atom) and c.size == node.children[0].size for c in node.children)
+    )
+
+
+def _best_fixed_atoms(
+    child: Block,
+    score: np.ndarray,
+    starts: list[int],
+    solver: str | None,
+    pair_perm: dict[tuple[int, int], np.ndarray],
+    values: np.ndarray,
+) -> None:
+    """`_best(child, ...)` for every (member a, member b) pair of exchangeable `_fixed_atoms`
+    children starting at `starts`, with all their atom assignments solved as one batch (one call
+    instead of m^2 * atoms: the tiny models' many heads made these calls most of a sweep). Same
+    answers and the same float sums as the recursion: per pair, the atoms in child order, each
+    atom's value summed as `_best` sums it."""
+    m, k, s = len(starts), len(child.children), child.children[0].size
+    inner = [t * s for t in range(k)]
+    subs = np.empty((m * m * k, s, s))
+    for a, i in enumerate(starts):
+        for b, j in enumerate(starts):
+            for t, o in enumerate(inner):
+                subs[(a * m + b) * k + t] = score[i + o : i + o + s, j + o : j + o + s]
+    cols = solve_assignment_batch(subs, solver)
+    rows = np.arange(s)
+    for a in range(m):
+        for b in range(m):
+            base = (a * m + b) * k
+            perm = np.empty(child.size, dtype=np.int64)
+            total = 0.0
+            for t, o in enumerate(inner):
+                perm[o : o + s] = o + cols[base + t]
+                total += float(subs[base + t][rows, cols[base + t]].sum())
+            pair_perm[a, b], values[a, b] = perm, total
 
 
 @dataclasses.dataclass(frozen=True)
