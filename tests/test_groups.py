@@ -23,6 +23,8 @@ SMALL_TREES = [
     groups.block_of_groups(3, 2),
     groups.attention_heads(2, 2),
     Block((Atom(2), groups.block_of_groups(2, 2)), ("pinned@0", "rest")),
+    # exchangeable siblings made of fixed atoms (a head's query and key halves): the batched path
+    Block((Block((Atom(2), Atom(2)), ("q", "k")),) * 2, ("head", "head")),
 ]
 
 
@@ -114,3 +116,19 @@ def test_lapx_and_scipy_agree():
     got = lap.solve_assignment_batch(batch, "lapx")
     want = lap.solve_assignment_batch(batch, "scipy")
     assert np.array_equal(got, want)
+
+
+def test_fixed_atom_siblings_batched_equal_the_recursion(monkeypatch):
+    """The batched solve of exchangeable fixed-atom children (16 heads of two 8-unit halves, as in
+    the tiny SDXL) gives the recursion's permutation and value bit for bit, ties included."""
+    head = Block((Atom(8), Atom(8)), ("q", "k"))
+    tree = Block((head,) * 16, ("head",) * 16)
+    assert groups._fixed_atoms(head) and not groups._fixed_atoms(tree)
+    rng = np.random.default_rng(3)
+    for score in (rng.standard_normal((256, 256)), np.round(rng.standard_normal((256, 256)) * 2) / 2):
+        fast = groups._best(tree, score, None)
+        with monkeypatch.context() as m:
+            m.setattr(groups, "_fixed_atoms", lambda node: False)
+            slow = groups._best(tree, score, None)
+        assert np.array_equal(fast[0], slow[0]) and fast[1] == slow[1]
+        assert groups.is_element(tree, fast[0])
