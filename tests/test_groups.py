@@ -118,17 +118,71 @@ def test_lapx_and_scipy_agree():
     assert np.array_equal(got, want)
 
 
-def test_fixed_atom_siblings_batched_equal_the_recursion(monkeypatch):
-    """The batched solve of exchangeable fixed-atom children (16 heads of two 8-unit halves, as in
-    the tiny SDXL) gives the recursion's permutation and value bit for bit, ties included."""
-    head = Block((Atom(8), Atom(8)), ("q", "k"))
-    tree = Block((head,) * 16, ("head",) * 16)
-    assert groups._fixed_atoms(head) and not groups._fixed_atoms(tree)
+def _recursive_best(node, score):
+    """Nested assignment one sub-problem at a time (no batches): the reference for the batched
+    paths, summing each value in the same order as they do."""
+    if isinstance(node, Atom):
+        cols = lap.solve_assignment(score)
+        return cols, float(score[np.arange(node.size), cols].sum())
+    offsets = np.cumsum([0] + [c.size for c in node.children])
+    perm, total = np.empty(node.size, dtype=np.int64), 0.0
+    kinds = {}
+    for i, kind in enumerate(node.kinds):
+        kinds.setdefault(kind, []).append(i)
+    for members in kinds.values():
+        m = len(members)
+        found = {}
+        values = np.empty((m, m))
+        for a, i in enumerate(members):
+            for b, j in enumerate(members):
+                sub = score[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+                found[a, b], values[a, b] = _recursive_best(node.children[i], sub)
+        match = lap.solve_assignment(values) if m > 1 else [0]
+        for a, i in enumerate(members):
+            b = int(match[a])
+            perm[offsets[i] : offsets[i + 1]] = offsets[members[b]] + found[a, b]
+            total += values[a, b]
+    return perm, total
+
+
+BATCHED_TREES = [
+    groups.attention_heads(16, 8),  # the tiny SDXL's heads: exchangeable q/k and v/o halves
+    Block((Block((Atom(9), Atom(9), Atom(9)), ("q", "k", "v")),) * 3, ("head",) * 3),
+    Block((groups.block_of_groups(4, 3), Atom(5), groups.block_of_groups(4, 3)), ("g", "x", "g")),
+    groups.block_of_groups(6, 20),  # atoms of 20: numpy's pairwise sums, not a plain loop
+    groups.block_of_groups(3, 200),  # and past its 128-element blocks
+]
+
+
+@pytest.mark.parametrize("tree", BATCHED_TREES, ids=lambda t: t.describe()[:40])
+def test_batched_sibling_pairs_equal_the_recursion_bit_for_bit(tree):
+    """The batched solve of exchangeable atoms and of exchangeable fixed-atom children (a head's
+    query and key halves) gives the plain recursion's permutation and value bit for bit, with ties
+    and with scores of very different magnitudes."""
+    n = tree.size
     rng = np.random.default_rng(3)
-    for score in (rng.standard_normal((256, 256)), np.round(rng.standard_normal((256, 256)) * 2) / 2):
+    scores = (
+        rng.standard_normal((n, n)),
+        np.round(rng.standard_normal((n, n)) * 2) / 2,
+        rng.standard_normal((n, n)) * np.exp(rng.uniform(-20, 20, (n, n))),
+    )
+    for score in scores:
         fast = groups._best(tree, score, None)
-        with monkeypatch.context() as m:
-            m.setattr(groups, "_fixed_atoms", lambda node: False)
-            slow = groups._best(tree, score, None)
+        slow = _recursive_best(tree, score)
         assert np.array_equal(fast[0], slow[0]) and fast[1] == slow[1]
         assert groups.is_element(tree, fast[0])
+        # and every (member a, member b) sub-problem's answer and value, not only the chosen ones
+        kinds = {}
+        offsets = np.cumsum([0] + [c.size for c in tree.children])
+        for i, kind in enumerate(tree.kinds):
+            kinds.setdefault(kind, []).append(i)
+        for members in (m for m in kinds.values() if len(m) > 1):
+            child = tree.children[members[0]]
+            if not (isinstance(child, Atom) or groups._fixed_atoms(child)):
+                continue  # (batched one level down)
+            perms, values = groups._best_atom_pairs(child, score, offsets[members], None)
+            for a, i in enumerate(members):
+                for b, j in enumerate(members):
+                    sub = score[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+                    want = _recursive_best(child, sub)
+                    assert np.array_equal(perms[a, b], want[0]) and values[a, b] == want[1], (a, b)

@@ -29,6 +29,11 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return buffer[:numel].view(shape)
 
 
+def forget_scratch() -> None:
+    """Drop this thread's buffers (a thread that did a pool's work inline, when the work ends)."""
+    _local.__dict__.pop("buffers", None)
+
+
 def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
 

@@ -29,12 +29,12 @@ import pickle
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from ..common.errors import UserError
+from ..common.workers import worker_pool
 from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, full_config, ldm_names, unet_only_config
 from . import key_kinds, key_layouts, quantized, safetensors_file
 from .safetensors_file import HeaderError, pickle_signature
@@ -607,7 +607,7 @@ def check_finite(ckpt: Checkpoint, keys: Iterable[str] | None = None, threads: i
                     bad.append((key, what))
         return bad
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with worker_pool(threads) as pool:
         found = [item for part in pool.map(scan, chunks) for item in part]
     if found:
         order = {k: i for i, k in enumerate(keys)}

@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ from torch import Tensor
 from ..architectures import config_shapes, permutation_spec, present_text_encoders
 from ..common import events
 from ..common.memory import return_freed_memory
+from ..common.workers import worker_pool
 from ..files.variants import match_input_conv
 from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
 from ..search.matching import PRECISIONS, MatchResult, SweepStats, default_threads, weight_matching
@@ -226,7 +226,7 @@ def read_models(
     ref_out: dict[str, HeldTensor] = {}
     held = 0
     events.emit("phase_start", phase="read", total=len(keys), unit="key")
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with worker_pool(threads) as pool:
         for done, (key, (a_value, ref_value)) in enumerate(zip(keys, pool.map(read_pair, keys)), 1):
             if done % TRIM_EVERY_KEYS == 0:  # the freed float32 reads otherwise fragment the heap
                 return_freed_memory()

@@ -152,27 +152,15 @@ def _best(node: Node, score: np.ndarray, solver: str | None) -> tuple[np.ndarray
     for members in by_kind.values():
         m = len(members)
         child = node.children[members[0]]
-        pair_perm: dict[tuple[int, int], np.ndarray] = {}
-        values = np.empty((m, m))
-        if isinstance(child, Atom) and m > 1:
-            s = child.size
-            subs = np.empty((m * m, s, s))
-            for a, i in enumerate(members):
-                for b, j in enumerate(members):
-                    subs[a * m + b] = score[offsets[i] : offsets[i] + s, offsets[j] : offsets[j] + s]
-            cols = solve_assignment_batch(subs, solver)
-            rows = np.arange(s)
-            for a in range(m):
-                for b in range(m):
-                    k = a * m + b
-                    pair_perm[a, b] = cols[k]
-                    values[a, b] = subs[k][rows, cols[k]].sum()
-        elif m > 1 and _fixed_atoms(child):
-            _best_fixed_atoms(child, score, [offsets[i] for i in members], solver, pair_perm, values)
+        starts = offsets[members]
+        if m > 1 and (isinstance(child, Atom) or _fixed_atoms(child)):
+            pair_perm, values = _best_atom_pairs(child, score, starts, solver)
         else:
-            for a, i in enumerate(members):
-                for b, j in enumerate(members):
-                    sub = score[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+            pair_perm = np.empty((m, m, child.size), dtype=np.int64)
+            values = np.empty((m, m))
+            for a, i in enumerate(starts):
+                for b, j in enumerate(starts):
+                    sub = score[i : i + child.size, j : j + child.size]
                     pair_perm[a, b], values[a, b] = _best(child, sub, solver)
         match = solve_assignment(values, solver) if m > 1 else np.zeros(1, dtype=np.int64)
         for a, i in enumerate(members):
@@ -193,37 +181,32 @@ def _fixed_atoms(node: Node) -> bool:
     )
 
 
-def _best_fixed_atoms(
-    child: Block,
-    score: np.ndarray,
-    starts: list[int],
-    solver: str | None,
-    pair_perm: dict[tuple[int, int], np.ndarray],
-    values: np.ndarray,
-) -> None:
-    """`_best(child, ...)` for every (member a, member b) pair of exchangeable `_fixed_atoms`
-    children starting at `starts`, with all their atom assignments solved as one batch (one call
-    instead of m^2 * atoms: the tiny models' many heads made these calls most of a sweep). Same
-    answers and the same float sums as the recursion: per pair, the atoms in child order, each
-    atom's value summed as `_best` sums it."""
-    m, k, s = len(starts), len(child.children), child.children[0].size
-    inner = [t * s for t in range(k)]
-    subs = np.empty((m * m * k, s, s))
-    for a, i in enumerate(starts):
-        for b, j in enumerate(starts):
-            for t, o in enumerate(inner):
-                subs[(a * m + b) * k + t] = score[i + o : i + o + s, j + o : j + o + s]
-    cols = solve_assignment_batch(subs, solver)
-    rows = np.arange(s)
-    for a in range(m):
-        for b in range(m):
-            base = (a * m + b) * k
-            perm = np.empty(child.size, dtype=np.int64)
-            total = 0.0
-            for t, o in enumerate(inner):
-                perm[o : o + s] = o + cols[base + t]
-                total += float(subs[base + t][rows, cols[base + t]].sum())
-            pair_perm[a, b], values[a, b] = perm, total
+def _best_atom_pairs(
+    child: Node, score: np.ndarray, starts: np.ndarray, solver: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_best(child, ...)` for every (member a, member b) pair of exchangeable children starting at
+    `starts` that are an atom or `_fixed_atoms`: `(pair_perm, values)`, `(m, m, child.size)` and
+    `(m, m)`. Every atom assignment of every pair is solved in one batch, and the blocks are cut
+    and summed with array operations (one call instead of m^2 * atoms: the tiny models' many
+    heads made these calls most of a sweep). Same answers and the same float sums as the
+    recursion: each atom's value is a sum over its contiguous row of picked scores (numpy sums a
+    C-contiguous last axis row by row, pairwise, as it sums one such row), and a pair's atoms are
+    added in child order from 0.0, as `_best` adds them."""
+    m = len(starts)
+    atoms = child.children if isinstance(child, Block) else (child,)
+    k, s = len(atoms), atoms[0].size
+    inner = np.arange(k) * s
+    units = starts[:, None, None] + inner[None, :, None] + np.arange(s)[None, None, :]  # (m, k, s)
+    subs = score[units[:, None, :, :, None], units[None, :, :, None, :]]  # (m, m, k, s, s)
+    subs = np.ascontiguousarray(subs.reshape(m * m * k, s, s))
+    cols = solve_assignment_batch(subs, solver)  # (m*m*k, s)
+    picked = np.take_along_axis(subs, cols[:, :, None], axis=2)[:, :, 0]  # (m*m*k, s), contiguous
+    sums = picked.sum(axis=1).reshape(m * m, k)
+    values = np.zeros(m * m)
+    for t in range(k):
+        values += sums[:, t]
+    pair_perm = (cols.reshape(m * m, k, s) + inner[None, :, None]).reshape(m, m, k * s)
+    return pair_perm, values.reshape(m, m)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,5 +62,7 @@ def solve_assignment_batch(scores: np.ndarray, solver: str | None = None) -> np.
         return np.zeros((count, 1), dtype=np.int64)
     if solver == "lapx" and count > 1:
         _, rows, cols = _lapx.lapjvh_batch(-scores, n_threads=1)
-        return np.stack([_as_column_map(r, c, n) for r, c in zip(rows, cols)])
+        out = np.empty((count, n), dtype=np.int64)
+        out[np.arange(count)[:, None], np.asarray(rows, dtype=np.int64)] = np.asarray(cols, dtype=np.int64)
+        return out
     return np.stack([solve_assignment(s, solver) for s in scores])

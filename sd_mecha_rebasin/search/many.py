@@ -85,13 +85,13 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from ..common import events
 from ..common.memory import return_freed_memory
+from ..common.workers import worker_pool
 from ..permutations.spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
 from .matching import _accurate_sum, default_threads, weight_matching
 
@@ -491,7 +491,7 @@ def merge_many(
     history: list[PassStats] = []
     steps: list[ModelStep] = []
     exact_sum_norm: float | None = None  # ||sum_j w_j pi_j(M_j)||^2 at the current perms, when known
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with worker_pool(threads) as pool:
 
         def squared_norm(tensors: Mapping[str, torch.Tensor]) -> float:
             return math.fsum(pool.map(lambda t: _dot(t, t), tensors.values()))
@@ -834,7 +834,7 @@ def merged_tensors(
         return acc if out_dtype == torch.float32 else acc.to(out_dtype)
 
     in_flight = max(2, 2 * threads)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with worker_pool(threads) as pool:
         futures = []
         for key in keys:
             futures.append((key, pool.submit(mean_of, key)))

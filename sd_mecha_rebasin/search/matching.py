@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, as_completed
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from ..common.devices import ProductDevice, product_device
 from ..common.memory import return_freed_memory, scratch
+from ..common.workers import worker_pool
 from ..permutations import groups
 from ..permutations.spec import (
     Permutations,
@@ -208,7 +209,7 @@ class AlignedModel:
         spec: PermutationSpec,
         model: Mapping[str, torch.Tensor],
         overwrite: bool = False,
-        pool: ThreadPoolExecutor | None = None,
+        pool: Executor | None = None,
     ):
         self.spec = spec
         self.values: dict[str, torch.Tensor] = dict(model)
@@ -372,7 +373,7 @@ def weight_matching(
     if use_warm:  # from the untouched model: its features do not depend on `start`
         warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver, on_step=step)
         return_freed_memory()
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # solves, and the gathers of `move_to`
+    with worker_pool(threads) as pool:  # solves, and the gathers of `move_to`
         aligned = AlignedModel(spec, model, overwrite=overwrite_model, pool=pool)
         moved_start = any(not np.array_equal(p, np.arange(len(p))) for p in start.values())
         candidates = [{}, start] if moved_start else [{}]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..common.memory import return_freed_memory, scratch
+from ..common.workers import worker_pool
 from ..permutations import groups
 from ..permutations.spec import Permutations, PermutationSpec
 
@@ -168,7 +168,7 @@ def invariant_feature_start(
 
     keys = [key for key in spec.axes if key in ref and key in model]
     names = sorted(spec.spaces)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with worker_pool(threads) as pool:
         features = dict(zip(keys, counted(pool.map(both, keys))))  # one pass over each tensor, all axes
         return_freed_memory()  # the chunks of that pass, freed into the worker threads' heaps
         return dict(zip(names, counted(pool.map(solve, names))))
