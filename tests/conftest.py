@@ -13,6 +13,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 """README's test command runs one worker per core (`-n auto`); each worker then gets one core."""
 
+if UNDER_XDIST:  # every test there is tiny (see below); this covers the module-scoped fixtures too,
+    torch.set_num_threads(1)  # which are set up before any function-scoped fixture can act
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -163,7 +163,7 @@ def test_cli_block_weights_end_to_end(tiny, tmp_path):  # noqa: F811
         output_dtype="fp32",
         quiet=True,
         progress=False,
-        threads=2,
+        threads=1,
         arch=arch_overrides("sd1", "tiny"),
         shapes=key_shapes("sd1", "tiny"),
     )

@@ -267,7 +267,7 @@ def test_merge_that_moves_nothing_says_it_is_the_plain_weighted_sum(demo, tmp_pa
     summary = json.loads(out)
     assert rc == 0 and summary["units_moved"] == 0 and summary["equals_plain_weighted_sum"] is True
     # and it is: the plain weighted sum, bit for bit
-    run("average", a, c, "plain.safetensors", RunOptions(threads=2, quiet=True, progress=False), alpha=0.3)
+    run("average", a, c, "plain.safetensors", RunOptions(threads=1, quiet=True, progress=False), alpha=0.3)
     merged, plain = load_file("m.safetensors"), load_file("plain.safetensors")
     assert merged.keys() == plain.keys() and all(torch.equal(merged[k], plain[k]) for k in merged)
     rc, out, err = run_cli(capsys, "merge", a, c, "--threads", "2", "--iters", "0", "-o", "z.safetensors")

@@ -55,7 +55,7 @@ def tiny(family: str, seed: int) -> dict[str, torch.Tensor]:
 def tiny_options(family: str, **kw) -> RunOptions:
     shapes = {**key_shapes(family, "tiny"), **VAE}
     return RunOptions(
-        threads=2,
+        threads=1,
         iters=2,
         quiet=True,
         output_dtype="fp32",
@@ -162,7 +162,7 @@ def test_wrapper_segments_are_removed(tmp_path):
     assert ckpt.layout is not None and ckpt.layout.names == [key_layouts.WRAPPER_LAYOUT]
     assert ckpt.layout.renamed == len(a) - sum(1 for k in a if not k.startswith((UNET, "cond_stage_model.")))
     assert_equal_dicts(read_all(paths["wa"]), a)
-    opts = RunOptions(threads=2, quiet=True, output_dtype="fp32")
+    opts = RunOptions(threads=1, quiet=True, output_dtype="fp32")
     run("average", paths["a"], paths["b"], tmp_path / "c.safetensors", opts)
     run("average", paths["wa"], paths["wb"], tmp_path / "w.safetensors", opts)
     assert_equal_dicts(load_file(str(tmp_path / "w.safetensors")), load_file(str(tmp_path / "c.safetensors")))
@@ -334,7 +334,7 @@ def test_either_side_keeps_sgm_sigmas_when_only_b_has_them(tmp_path):
     sigmas = torch.linspace(0.03, 14.6, 1000)
     b["denoiser.sigmas"] = sigmas
     pa, pb = quirks.save(tmp_path / "A.safetensors", a), quirks.save(tmp_path / "B.safetensors", b)
-    result = run("average", pa, pb, tmp_path / "o.safetensors", RunOptions(quiet=True, threads=2))
+    result = run("average", pa, pb, tmp_path / "o.safetensors", RunOptions(quiet=True, threads=1))
     assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["denoiser.sigmas"], sigmas)
     assert result.left_out == 0
 
@@ -366,7 +366,7 @@ def test_two_long_clip_models_merge_with_248_positions(tmp_path):
         models.append(sd)
     pa = quirks.save(tmp_path / "A.safetensors", models[0])
     pb = quirks.save(tmp_path / "B.safetensors", models[1])
-    opts = RunOptions(threads=2, quiet=True, output_dtype="fp32", iters=2)
+    opts = RunOptions(threads=1, quiet=True, output_dtype="fp32", iters=2)
     run("average", pa, pb, tmp_path / "avg.safetensors", opts)
     avg = load_file(str(tmp_path / "avg.safetensors"))
     assert torch.equal(avg[key], torch.lerp(models[0][key], models[1][key], 0.5))

@@ -317,7 +317,7 @@ def test_architecture_mismatch_is_an_error_before_matching(tiny, other, config):
     a = t.model("ref", t.ref, config=config)
     seen: list[str] = []
     with pytest.raises(ValueError, match=expected), events.listening(lambda e, d: seen.append(e)):
-        t.merge(rebasin(a, ref), threads=2)
+        t.merge(rebasin(a, ref), threads=1)
     assert "prepass_start" not in seen
 
 

@@ -156,7 +156,7 @@ def test_a_tiny_merge_reports_every_phase_in_order(demo_pair, tmp_path):
     received = []
     output = tmp_path / "merged.safetensors"
     with events.listening(lambda event, data: received.append((event, dict(data)))):
-        result = run("merge", a, b, output, RunOptions(threads=2, progress=False, quiet=True))
+        result = run("merge", a, b, output, RunOptions(threads=1, progress=False, quiet=True))
     names = [e for e, _ in received]
 
     from sd_mecha_rebasin.files.checkpoint import open_checkpoint

@@ -129,7 +129,7 @@ def test_scaled_pair_averages_dequantized_weights_not_codes(tmp_path, convention
     a = scaled_file(tmp_path / "A.safetensors", deq_a, codes_a, scales_a, convention)
     b = scaled_file(tmp_path / "B.safetensors", deq_b, codes_b, scales_b, convention)
     out = tmp_path / "out.safetensors"
-    run("average", a, b, out, RunOptions(threads=2, quiet=True, output_dtype="fp32"))
+    run("average", a, b, out, RunOptions(threads=1, quiet=True, output_dtype="fp32"))
     merged = load_file(str(out))
     keys = list(codes_a)
     assert len(keys) > 100
@@ -169,7 +169,7 @@ def test_rebasin_recovers_a_permutation_stored_with_other_scales(tmp_path, capsy
     a = scaled_file(tmp_path / "A.safetensors", deq_a, codes_a, scales_a, "comfy_quant")
     b = scaled_file(tmp_path / "B.safetensors", deq_b, codes_b, scales_b, "legacy")
     out = tmp_path / "out.safetensors"
-    opts = RunOptions(threads=2, iters=3, quiet=True, output_dtype="fp32")
+    opts = RunOptions(threads=1, iters=3, quiet=True, output_dtype="fp32")
     if command == "merge":
         result = run("merge", a, b, out, opts)
         assert result.permutations_changed > 100

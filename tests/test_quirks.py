@@ -47,7 +47,7 @@ def warnings_in(err: str) -> list[str]:
 
 def average(a: pathlib.Path, b: pathlib.Path, out: pathlib.Path, **options) -> dict[str, torch.Tensor]:
     """The plain weighted sum through the CLI's pipeline (same checks and output assembly, no sweeps)."""
-    run("average", a, b, out, RunOptions(threads=2, quiet=options.pop("quiet", True), **options))
+    run("average", a, b, out, RunOptions(threads=1, quiet=options.pop("quiet", True), **options))
     return load_file(str(out))
 
 
@@ -301,7 +301,7 @@ def test_fp8_weights_merge_with_fp32_arithmetic(tmp_path, fp8_in, fp8, output_dt
         a,
         b,
         tmp_path / "out.safetensors",
-        RunOptions(threads=2, iters=3, quiet=True, output_dtype=output_dtype),
+        RunOptions(threads=1, iters=3, quiet=True, output_dtype=output_dtype),
     )
     merged = load_file(str(tmp_path / "out.safetensors"))
     dtype = DTYPES[output_dtype]
@@ -358,7 +358,7 @@ def test_variant_merges_keep_the_extra_channels_of_a(tmp_path, channels_a, chann
     alpha = 0.3
     result = run(
         "merge", a, b, tmp_path / "out.safetensors",
-        RunOptions(threads=2, iters=3, quiet=True, output_dtype="fp32"), alpha=alpha,
+        RunOptions(threads=1, iters=3, quiet=True, output_dtype="fp32"), alpha=alpha,
     )  # fmt: skip
     merged = load_file(str(tmp_path / "out.safetensors"))
     conv_a, conv_b = sd_a[INPUT_CONV], sd_b[INPUT_CONV]
@@ -411,7 +411,7 @@ def test_align_accepts_a_plain_reference_for_an_inpainting_model(tmp_path):
         a,
         b,
         tmp_path / "out.safetensors",
-        RunOptions(threads=2, iters=3, quiet=True, output_dtype="fp32"),
+        RunOptions(threads=1, iters=3, quiet=True, output_dtype="fp32"),
     )
     aligned = load_file(str(tmp_path / "out.safetensors"))
     spec = _small_spec({INPUT_CONV: (32, 9, 3, 3)})
@@ -484,7 +484,7 @@ def test_same_kind_inpainting_pairs_of_sd2_and_sdxl(tmp_path, family):
     b = quirks.save(tmp_path / "B.safetensors", sd_b, metadata=None)
     result = run(
         "merge", a, b, tmp_path / "out.safetensors",
-        RunOptions(threads=2, iters=2, quiet=True, output_dtype="fp32", shapes=shapes, arch=arch),
+        RunOptions(threads=1, iters=2, quiet=True, output_dtype="fp32", shapes=shapes, arch=arch),
     )  # fmt: skip
     assert result.config == config
     merged = load_file(str(tmp_path / "out.safetensors"))

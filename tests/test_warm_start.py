@@ -57,7 +57,7 @@ def test_start_from_features_recovers_a_permuted_copy(case):
     spec, model = case
     hidden = random_permutation(spec, seed=8)
     start = warm_start.invariant_feature_start(
-        spec, model, apply_permutation(spec, hidden, model), identity_permutation(spec), threads=2
+        spec, model, apply_permutation(spec, hidden, model), identity_permutation(spec), threads=1
     )
     expected = invert(hidden)
     assert all(np.array_equal(start[n], expected[n]) for n in spec.spaces)
