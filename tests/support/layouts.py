@@ -12,8 +12,10 @@ both, while tiny forward passes take a fraction of a second.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -105,6 +107,11 @@ def _key_seed(seed: int, key: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(key.encode())) % (2**63)
 
 
+PARALLEL_ELEMENTS = 1 << 26
+"""Above this many elements a state dict is generated on every core: torch's seeded `randn` runs
+on one thread, and the full-size SDXL's 3.5 G values took ~15 s each time on one."""
+
+
 def random_state_dict(
     shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
@@ -113,14 +120,14 @@ def random_state_dict(
     Matrices and conv kernels ~ N(0, 1/fan_in) with fan_in = prod(shape[1:]) (``text_projection``,
     used as ``x @ W``, reads shape[0]); 1-d ``weight`` (LayerNorm/GroupNorm scales) ~ 1 + 0.1 N;
     biases and other vectors ~ 0.1 N; scalars (``logit_scale``) = log(1 / 0.07). Each key has its
-    own generator seeded from (seed, key), so values do not depend on which other keys exist, and
-    at most one fp32 tensor is alive besides the result.
+    own generator seeded from (seed, key), so values do not depend on which other keys exist or on
+    how many threads make them; at most one fp32 tensor per thread is alive besides the result.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, shape in shapes.items():
+
+    def one(item: tuple[str, tuple[int, ...]]) -> torch.Tensor:
+        key, shape = item
         if len(shape) == 0:
-            out[key] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
-            continue
+            return torch.tensor(math.log(1 / 0.07), dtype=dtype)
         gen = torch.Generator().manual_seed(_key_seed(seed, key))
         t = torch.randn(shape, generator=gen, dtype=torch.float32)
         if key.endswith("text_projection"):
@@ -131,6 +138,10 @@ def random_state_dict(
             t.mul_(0.1).add_(1.0)
         else:
             t *= 0.1
-        out[key] = t.to(dtype)
-        del t
-    return out
+        return t.to(dtype)
+
+    items = list(shapes.items())
+    if sum(math.prod(shape) for _, shape in items) <= PARALLEL_ELEMENTS:
+        return {key: one((key, shape)) for key, shape in items}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # randn releases the GIL
+        return dict(zip(shapes, pool.map(one, items)))
