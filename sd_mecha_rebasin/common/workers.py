@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
 from .memory import forget_scratch
@@ -51,3 +51,16 @@ def worker_pool(threads: int) -> Iterator[Executor]:
     """A pool of `threads` worker threads, or the calling thread itself when `threads <= 1`."""
     with InlineExecutor() if threads <= 1 else ThreadPoolExecutor(max_workers=threads) as pool:
         yield pool
+
+
+def as_they_finish(
+    pool: Executor, fn: Callable[[Any], Any], items: Iterable[Any]
+) -> Iterator[tuple[int, Any]]:
+    """`(i, fn(items[i]))` for every item, as each task finishes: on a pool, in the order they end;
+    inline, one task at a time (so progress reported per result follows the work either way)."""
+    if isinstance(pool, InlineExecutor):
+        yield from ((i, fn(item)) for i, item in enumerate(items))
+        return
+    futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+    for future in as_completed(futures):
+        yield futures[future], future.result()

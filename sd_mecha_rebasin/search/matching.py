@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor, as_completed
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 
 from ..common.devices import ProductDevice, product_device
 from ..common.memory import return_freed_memory, scratch
-from ..common.workers import worker_pool
+from ..common.workers import as_they_finish, worker_pool
 from ..permutations import groups
 from ..permutations.spec import (
     Permutations,
@@ -404,24 +404,16 @@ def weight_matching(
             for batch in _batches(order, neighbours):
                 todo = [name for name in batch if name in dirty]
                 visited += len(batch) - len(todo)  # unchanged neighbours: nothing to solve
-                futures = [
-                    pool.submit(
-                        _solve,
-                        spec,
-                        name,
-                        ref,
-                        aligned.values,
-                        aligned.perms[name],
-                        device,
-                        solver,
-                        precision,
-                    )
-                    for name in todo
-                ]
-                for _ in as_completed(futures):  # progress as solves finish; results in order below
+
+                def solve(name: str) -> tuple[np.ndarray, float]:
+                    args = (ref, aligned.values, aligned.perms[name], device, solver, precision)
+                    return _solve(spec, name, *args)
+
+                results: list[Any] = [None] * len(todo)
+                for i, result in as_they_finish(pool, solve, todo):  # progress as solves finish
+                    results[i] = result
                     visited += 1
                     report("solve", {"sweep": sweep, "done": visited, "total": len(names), "objective": dot})
-                results = [f.result() for f in futures]
                 updates = {}
                 for name, (perm, gain) in zip(todo, results):
                     dirty.discard(name)
