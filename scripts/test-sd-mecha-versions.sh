@@ -21,5 +21,5 @@ for VERSION in "${@:-1.1.6}"; do
   echo "import site; site.addsitedir('$MAIN_SITE')" > "$SITE/zz_main_venv.pth"
   "$ENV/bin/python" -c "import importlib.metadata as m, sys; v = m.version('sd-mecha'); sys.exit(0 if v == '$VERSION' else f'sd-mecha {v} found, $VERSION wanted')"
   echo "sd-mecha $VERSION: ${#TESTS[@]} test files"
-  "$ENV/bin/python" -m pytest -q -p no:cacheprovider -n auto "${TESTS[@]}"
+  "$ENV/bin/python" -m pytest -q -p no:cacheprovider -n auto --dist worksteal "${TESTS[@]}"
 done

@@ -1,8 +1,8 @@
 """Write tests/slow_tests.txt: the test functions left out of the fast tier (`pytest -m "not slow"`).
 
-    .venv/bin/python -m pytest -q -n auto -m "not full_size" --durations=0 > all.log
+    .venv/bin/python -m pytest -q -n auto --dist worksteal -m "not full_size" --durations=0 > all.log
     .venv/bin/python tools/slow_tests.py all.log [--seconds 5]
-    .venv/bin/python -m pytest -q -n auto -m "not slow" --durations=0 > fast.log
+    .venv/bin/python -m pytest -q -n auto --dist worksteal -m "not slow" --durations=0 > fast.log
     .venv/bin/python tools/slow_tests.py all.log fast.log
 
 A function is slow when its setup + call + teardown times, summed over its parameters, reach
