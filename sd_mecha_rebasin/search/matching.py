@@ -394,6 +394,10 @@ def weight_matching(
         history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, time.perf_counter() - t0)]
         report("phase_end", {"phase": "start"})
         dirty = set(names)
+
+        def solve(name: str) -> tuple[np.ndarray, float]:  # against the model as aligned so far
+            return _solve(spec, name, ref, aligned.values, aligned.perms[name], device, solver, precision)
+
         converged = False
         moved = False
         for sweep in range(1, max_iter + 1):
@@ -404,10 +408,6 @@ def weight_matching(
             for batch in _batches(order, neighbours):
                 todo = [name for name in batch if name in dirty]
                 visited += len(batch) - len(todo)  # unchanged neighbours: nothing to solve
-
-                def solve(name: str) -> tuple[np.ndarray, float]:
-                    args = (ref, aligned.values, aligned.perms[name], device, solver, precision)
-                    return _solve(spec, name, *args)
 
                 results: list[Any] = [None] * len(todo)
                 for i, result in as_they_finish(pool, solve, todo):  # progress as solves finish

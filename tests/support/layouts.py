@@ -15,10 +15,10 @@ import math
 import os
 import zlib
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from sd_mecha_rebasin.common.workers import worker_pool
 from sd_mecha_rebasin.model_configs.sd_layouts import FAMILIES, component_of, full_key_shapes
 
 SIZES = ("tiny", "full")
@@ -143,10 +143,7 @@ def random_state_dict(
     # The results are allocated here, the float32 temporaries in the workers: results made in the
     # workers' heaps, between freed temporaries, left ~8 GB of holes on the full-size SDXL.
     out = {key: torch.empty(shape, dtype=dtype) for key, shape in shapes.items()}
-    if sum(t.numel() for t in out.values()) <= PARALLEL_ELEMENTS:
-        for key, value in out.items():
-            fill(key, value)
-        return out
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # randn releases the GIL
+    large = sum(t.numel() for t in out.values()) > PARALLEL_ELEMENTS
+    with worker_pool((os.cpu_count() or 1) if large else 1) as pool:  # randn releases the GIL
         list(pool.map(fill, out, out.values()))
     return out
