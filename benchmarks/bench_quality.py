@@ -66,6 +66,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def cache_path(cache: Path, width: models.Width, tag: str, config: TrainConfig) -> Path:
+    """Where `trained` keeps one model (safetensors) and its per-step training losses (.losses.json)."""
+    name = f"{width.name}_{tag}_s{config.steps}_b{config.batch}_lr{config.lr:g}_seed{config.seed}"
+    return cache / f"{name}.safetensors"
+
+
 def trained(
     cache: Path,
     width: models.Width,
@@ -74,11 +80,9 @@ def trained(
     train_data: data.Digits,
     config: TrainConfig,
 ) -> dict[str, torch.Tensor]:
-    """A trained model's sd1-ldm state dict, from the cache or trained now (and cached)."""
-    path = (
-        cache
-        / f"{width.name}_{tag}_s{config.steps}_b{config.batch}_lr{config.lr:g}_seed{config.seed}.safetensors"
-    )
+    """A trained model's sd1-ldm state dict, from the cache or trained now (and cached, with its
+    per-step losses beside it for `training_curve`)."""
+    path = cache_path(cache, width, tag, config)
     if path.exists():
         log(f"{width.name} {tag}: cached {path.name}")
         return load_file(path)
@@ -89,12 +93,27 @@ def trained(
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(sd, tmp)
+    path.with_suffix(".losses.json").write_text(json.dumps(losses))
     tmp.rename(path)
     tail = sum(losses[-20:]) / len(losses[-20:])
     log(
         f"{width.name} {tag}: trained {config.steps} steps in {time.time() - start:.0f} s, last-20 loss {tail:.4f}"
     )
     return sd
+
+
+def training_curve(
+    cache: Path, width: models.Width, tag: str, config: TrainConfig, windows: int = 10
+) -> dict | None:
+    """The training loss of a cached model as `windows` means over equal runs of steps, and the
+    last window's change from the one before (a plateau: close to 0); None for models cached before
+    losses were kept."""
+    losses_file = cache_path(cache, width, tag, config).with_suffix(".losses.json")
+    if not losses_file.exists():
+        return None
+    losses = np.array(json.loads(losses_file.read_text()))
+    means = [float(w.mean()) for w in np.array_split(losses, windows)]
+    return {"steps": len(losses), "window_means": means, "last_window_change": means[-1] / means[-2] - 1.0}
 
 
 def fine_tuned(
@@ -379,9 +398,15 @@ def run_width(
 
     def scratch(seed):
         config = TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
-        return trained(cache, width, "ind", lambda: models.build(width, seed), train_data, config)
+        return trained(cache, width, "ind", lambda w=width, s=seed: models.build(w, s), train_data, config)
 
     ind = [scratch(1), scratch(2)]
+    curves = [
+        training_curve(
+            cache, width, "ind", TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
+        )
+        for seed in (1, 2)
+    ]
 
     def many_of_four(out: dict) -> None:
         four = [*ind, scratch(3), scratch(4)]
@@ -401,6 +426,8 @@ def run_width(
         width, spec, ind[0], ind[1], evals, args.threads, corrections="repair" in args.regimes
     )
     out["independent"]["drift_from_init"] = [drift(i, m) for i, m in zip(inits, ind)]
+    if all(curves):
+        out["independent"]["training"] = curves
     del inits
     save(out)
 
@@ -696,6 +723,18 @@ def main() -> None:
         default=("independent", "finetunes", "many"),
         help="which regimes after `independent` (always run): controls, relaxed, drift, finetunes, many, soups, repair",
     )
+    p.add_argument(
+        "--head-width",
+        type=int,
+        default=None,
+        help="channels per attention head in UNet and text encoder at every width (default: 8 UNet heads, 4 CLIP heads)",
+    )
+    p.add_argument(
+        "--train-only",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=None,
+        help="only train (and cache) the independent models of these seeds at each width, e.g. 1 in one process and 2 in another",
+    )
     p.add_argument("--cache", default=str(ROOT / ".bench_cache" / "quality"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument(
@@ -712,7 +751,21 @@ def main() -> None:
     evals = measure.eval_set(held, draws=args.draws)
     out.mkdir(parents=True, exist_ok=True)
     for c in (int(x) for x in args.widths.split(",")):
-        width = models.Width(unet=c, clip=2 * c, clip_heads=4, groups=8 if c >= 32 else 4)
+        width = models.Width(
+            unet=c, clip=2 * c, clip_heads=4, groups=8 if c >= 32 else 4, head_width=args.head_width
+        )
+        if args.train_only:
+            for seed in args.train_only:
+                config = TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
+                trained(
+                    Path(args.cache),
+                    width,
+                    "ind",
+                    lambda w=width, s=seed: models.build(w, s),
+                    train_data,
+                    config,
+                )
+            continue
 
         def save(result, width=width):
             summary = {"config": vars(args), "held_out_samples": len(evals.t), "result": result}
@@ -720,7 +773,8 @@ def main() -> None:
 
         run_width(args, width, train_data, evals, save)
         log(f"{width.name} done")
-    report(out)
+    if not args.train_only:
+        report(out)
 
 
 def report(out: Path) -> None:

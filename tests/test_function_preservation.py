@@ -71,7 +71,9 @@ def test_every_kind_of_space_is_legal_on_its_own(tiny_case):
 def test_wrong_architecture_facts_are_caught(family, wrong_arch, kinds):
     arch = arch_overrides(family, "tiny")
     for part, facts in wrong_arch.items():
-        arch[part] = {k: v for k, v in arch[part].items() if k not in ("num_heads", "head_dim")} | facts
+        arch[part] = {**arch[part], **facts}
+        if "num_heads" in facts or "head_dim" in facts:  # the override's head rule replaces the other
+            arch[part].pop("head_dim" if "num_heads" in facts else "num_heads", None)
     spec, sd = tiny(family, arch)
     reference = run_model(family, "tiny", dict(sd))
     permuted = apply_permutation(spec, only(random_permutation(spec, 3), spec, kinds), sd)
@@ -109,3 +111,19 @@ def test_full_size_permutation_preserves_the_function(family):
 @pytest.mark.full_size
 def test_full_size_sdxl_permutation_preserves_the_function():
     assert _full_size_check("sdxl", regenerate=True) <= LEGAL
+
+
+def test_an_override_head_rule_replaces_the_familys():
+    """SD1's family rule is 8 heads at every level; `arch={"unet": {"head_dim": 8}}` must give
+    heads 8 wide (it once kept the family's num_heads, which wins, and was silently ignored), and
+    SDXL's 64-wide heads give way to an override's num_heads. Both at once is refused."""
+    from sd_mecha_rebasin.architectures import family_facts
+
+    assert family_facts("sd1-ldm")["unet"]["num_heads"] == 8
+    unet = family_facts("sd1-ldm", {"unet": {"head_dim": 8}})["unet"]
+    assert unet["head_dim"] == 8 and "num_heads" not in unet and unet["groupnorm_groups"] == 32
+    unet = family_facts("sdxl-sgm", {"unet": {"num_heads": 4}})["unet"]
+    assert unet["num_heads"] == 4 and "head_dim" not in unet
+    assert family_facts("sdxl-sgm", {"unet": {"groupnorm_groups": 1}})["unet"]["head_dim"] == 64
+    with pytest.raises(ValueError, match="num_heads or head_dim, not both"):
+        family_facts("sd1-ldm", {"unet": {"num_heads": 8, "head_dim": 8}})

@@ -192,3 +192,35 @@ def test_collapse_correction_of_many(pair):
     assert all(torch.equal(pair_merge[k], many_merge[k]) for k in a)
     with pytest.raises(ValueError, match="2 models for 3 weights"):
         repair.repair_many_with(forward, [a, b], weights)
+
+
+def test_fixed_head_width_models_keep_their_function_under_a_random_legal_permutation(digits):
+    """`Width.head_width` (issue 20.3): diffusers builds heads of that width at every UNet level and
+    in the text encoder, and the spec built from `models.arch` agrees with it: a random legal
+    permutation leaves the forward pass unchanged. The default (8 heads) is unchanged."""
+    from sd_mecha_rebasin import random_permutation
+
+    assert models.unet_config(WIDTH)["attention_head_dim"] == 8
+    assert models.arch(WIDTH)["unet"] == {"num_heads": 8, "groupnorm_groups": 4}
+    width = models.Width(unet=16, clip=32, groups=4, head_width=8)
+    assert width.name == "c16h8" and models.unet_config(width)["attention_head_dim"] == (2, 4, 8, 8)
+    assert models.clip_config(width).num_attention_heads == 4
+    with pytest.raises(ValueError, match="do not split"):
+        models.Width(unet=12, clip=32, head_width=8).unet_heads(12)
+    _, evals = digits
+    model = models.build(width, 0).eval()
+    sd = models.to_ldm(model)
+    spec = permutation_spec("sd1-ldm", arch=models.arch(width), shapes=models.ldm_shapes(width))
+    permuted = apply_permutation(spec, random_permutation(spec, seed=3), sd)
+    with torch.no_grad():
+        want = model(evals.x_t, evals.t, evals.labels)
+        got = models.from_ldm(width, permuted)(evals.x_t, evals.t, evals.labels)
+    assert any(not torch.equal(sd[k], permuted[k]) for k in sd)
+    assert torch.allclose(want, got, rtol=1e-4, atol=1e-5)
+    # heads of 8 are not SD1's 8 heads: the 8-head spec's permutation breaks this model
+    wrong = permutation_spec("sd1-ldm", arch=models.arch(WIDTH), shapes=models.ldm_shapes(width))
+    broken = apply_permutation(wrong, random_permutation(wrong, seed=3), sd)
+    with torch.no_grad():
+        assert not torch.allclose(
+            want, models.from_ldm(width, broken)(evals.x_t, evals.t, evals.labels), atol=1e-3
+        )

@@ -2,8 +2,8 @@
 
 The checkpoint layout is sd-mecha's `sd1-ldm` (every text-encoder and UNet key name, read from
 sd-mecha through `sd_mecha_rebasin.model_configs.sd_layouts`), with every width scaled from SD1's:
-UNet base channels 320 -> `Width.unet` (all UNet widths scale alike, 8 attention heads as in SD1), CLIP width 768 ->
-`Width.clip` (MLP 4x, 12 layers), vocabulary 49408 -> `data.VOCAB`, 77 positions kept. LDM names
+UNet base channels 320 -> `Width.unet` (all UNet widths scale alike; 8 attention heads as in SD1, or
+heads of a fixed width `Width.head_width` as in SD2/SDXL), CLIP width 768 -> `Width.clip` (MLP 4x, 12 layers), vocabulary 49408 -> `data.VOCAB`, 77 positions kept. LDM names
 map to diffusers names through diffusers' own `convert_ldm_unet_checkpoint` (the mapping the
 forward-pass harness uses), computed once per width on meta tensors.
 """
@@ -33,16 +33,37 @@ _KEPT_DIMS = frozenset({1, 3, 4, 77})  # kernels, latent channels, token positio
 @dataclass(frozen=True)
 class Width:
     """Widths of one model size: UNet base channels (SD1: 320), CLIP width (SD1: 768), CLIP heads
-    (SD1: 12) and GroupNorm groups (SD1: 32)."""
+    (SD1: 12) and GroupNorm groups (SD1: 32).
+
+    `head_width` None: 8 UNet heads at every level (SD1's rule) and `clip_heads` CLIP heads, so the
+    head width grows with the model. A number: every UNet and CLIP attention head has that many
+    channels (SD2/SDXL's rule: heads per level = channels / head_width), so two widths can be
+    compared at the same head width (issue 20.3); `clip_heads` is then unused. Raises ValueError
+    (from `unet_heads`, `text_heads`) when a width does not split into such heads."""
 
     unet: int
     clip: int
     clip_heads: int = 4
     groups: int = 8
+    head_width: int | None = None
 
     @property
     def name(self) -> str:
-        return f"c{self.unet}"
+        return f"c{self.unet}" + (f"h{self.head_width}" if self.head_width else "")
+
+    def unet_heads(self, channels: int) -> int:
+        """Attention heads of a UNet transformer with this many channels."""
+        return 8 if self.head_width is None else self._split(channels)
+
+    @property
+    def text_heads(self) -> int:
+        """Attention heads of the CLIP text encoder."""
+        return self.clip_heads if self.head_width is None else self._split(self.clip)
+
+    def _split(self, channels: int) -> int:
+        if channels % self.head_width:
+            raise ValueError(f"{channels} channels do not split into heads of {self.head_width}")
+        return channels // self.head_width
 
     def dims(self, component: str) -> dict[int, int]:
         """SD1 dimension -> this width's, for one component (`clip_l` or `unet`)."""
@@ -66,10 +87,11 @@ def ldm_shapes(width: Width) -> dict[str, tuple[int, ...]]:
 
 def arch(width: Width) -> dict[str, dict[str, int]]:
     """Architecture facts for `permutation_spec("sd1-ldm", arch=..., shapes=ldm_shapes(width))`."""
-    return {
-        "unet": {"num_heads": 8, "groupnorm_groups": width.groups},
-        "clip_l": {"heads": width.clip_heads},
-    }
+    if width.head_width is None:
+        unet = {"num_heads": 8, "groupnorm_groups": width.groups}
+    else:
+        unet = {"head_dim": width.head_width, "groupnorm_groups": width.groups}
+    return {"unet": unet, "clip_l": {"heads": width.text_heads}}
 
 
 def unet_config(width: Width) -> dict:
@@ -80,7 +102,10 @@ def unet_config(width: Width) -> dict:
         "block_out_channels": (c, 2 * c, 4 * c, 4 * c),
         "norm_num_groups": width.groups,
         "cross_attention_dim": width.clip,
-        "attention_head_dim": 8,  # diffusers' name for SD1's 8 heads
+        # diffusers' name for the heads per level (SD1: 8 everywhere; SD2: [5, 10, 20, 20])
+        "attention_head_dim": 8
+        if width.head_width is None
+        else tuple(width.unet_heads(c * m) for m in (1, 2, 4, 4)),
     }
 
 
@@ -92,7 +117,7 @@ def clip_config(width: Width):
         hidden_size=width.clip,
         intermediate_size=4 * width.clip,
         num_hidden_layers=12,
-        num_attention_heads=width.clip_heads,
+        num_attention_heads=width.text_heads,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,

@@ -49,9 +49,16 @@ def config_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return {key: tuple(meta.shape) for key, meta in config.keys().items()}
 
 
+_HEAD_RULES = frozenset({"num_heads", "head_dim"})
+
+
 def family_facts(identifier: str, arch: Mapping | None = None) -> dict[str, Any]:
     """The facts of `families.yaml` for a config, `arch` applied; a UNet-only config has its full
-    config's facts (`text_encoders` included, so that overrides naming them still apply)."""
+    config's facts (`text_encoders` included, so that overrides naming them still apply).
+
+    The UNet's head rule is one fact: an override giving `num_heads` (heads at every level, SD1)
+    or `head_dim` (heads of a fixed width, SD2/SDXL) replaces the family's rule, whichever it is.
+    Raises ValueError for an unknown part or an override that gives both."""
     identifier = full_config(identifier)
     if identifier not in families():
         known = ", ".join(families())
@@ -59,6 +66,11 @@ def family_facts(identifier: str, arch: Mapping | None = None) -> dict[str, Any]
     facts = copy.deepcopy(families()[identifier])
     for name, override in (arch or {}).items():
         if name == "unet":
+            rule = _HEAD_RULES & set(override)
+            if len(rule) > 1:
+                raise ValueError(f"arch override for {identifier}: give num_heads or head_dim, not both")
+            if rule:
+                facts["unet"] = {k: v for k, v in facts["unet"].items() if k not in _HEAD_RULES}
             _deep_update(facts["unet"], override)
         elif name in facts["text_encoders"]:
             _deep_update(facts["text_encoders"][name], override)
