@@ -695,6 +695,86 @@ def plot_drift(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_plateau(results: list[dict], path: Path) -> None:
+    """Issue 20.3 at the plateau: the training loss of each independent model (window means), the
+    held-out loss along the line plain / re-based / re-based with GroupNorm groups relaxed, and
+    the barrier per timestep range, one colour per width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in results if "training" in r.get("independent", {})]
+    fig, (train_ax, line_ax, time_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    bar = 0.8 / (2 * len(results))
+    for i, r in enumerate(results):
+        x, colour = r["independent"], f"C{i}"
+        for j, curve in enumerate(x["training"]):
+            w = curve["window_means"]
+            steps = [(k + 0.5) * curve["steps"] / len(w) for k in range(len(w))]
+            train_ax.plot(
+                steps, w, "o-" if j == 0 else "s--", ms=3, color=colour, label=f"{r['width']} model {j + 1}"
+            )
+        line_ax.plot(
+            x["lambdas"],
+            x["plain"],
+            "o-",
+            ms=3,
+            color=colour,
+            label=f"{r['width']} plain ({x['barrier_plain']:.3f})",
+        )
+        line_ax.plot(
+            x["lambdas"],
+            x["rebased"],
+            "s--",
+            ms=3,
+            color=colour,
+            label=f"{r['width']} re-basin ({x['barrier_rebased']:.3f})",
+        )
+        if "relaxed_groups" in r:
+            g = r["relaxed_groups"]
+            line_ax.plot(
+                g["lambdas"],
+                g["rebased"],
+                "x:",
+                ms=4,
+                color=colour,
+                label=f"{r['width']} groups relaxed (not exact)",
+            )
+        buckets = x["by_timestep"]
+        pos = np.arange(len(buckets["buckets"]))
+        time_ax.bar(
+            pos + (2 * i) * bar,
+            buckets["barrier_plain"],
+            bar,
+            color=colour,
+            alpha=0.45,
+            label=f"{r['width']} plain",
+        )
+        time_ax.bar(
+            pos + (2 * i + 1) * bar,
+            buckets["barrier_rebased"],
+            bar,
+            color=colour,
+            label=f"{r['width']} re-basin",
+        )
+        time_ax.set_xticks(pos + 0.4 - bar / 2, [f"t {lo}-{hi}" for lo, hi in buckets["buckets"]])
+    train_ax.set(
+        xlabel="training step", ylabel="training loss (window mean)", title="independent models: training"
+    )
+    train_ax.set_yscale("log")
+    line_ax.set(
+        xlabel="lambda  ((1 - lambda) A + lambda B)",
+        ylabel="held-out denoising loss",
+        title="the line between A and B",
+    )
+    time_ax.set(ylabel="loss barrier", title="barrier per timestep range")
+    for ax in (train_ax, line_ax, time_ax):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", default="16,32", help="UNet base channels (SD1: 320), comma-separated")
@@ -800,6 +880,8 @@ def report(out: Path) -> None:
         plot_drift(results, out / "quality_drift.png")
     if any(r.get("soups") for r in results):
         plot_soups(results, out / "quality_soups.png")
+    if any("training" in r.get("independent", {}) for r in results):
+        plot_plateau(results, out / "quality_plateau.png")
 
 
 if __name__ == "__main__":
