@@ -14,6 +14,7 @@ import sd_mecha
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support import tiny_merge
 from support.layouts import arch_overrides
 from test_cli import assert_one_line_error, only_inputs_left, pair, run_cli  # noqa: F401  (fixtures)
 from test_merge_method import _one_torch_thread, assert_same, quiet_tqdm, tiny  # noqa: F401  (fixtures)
@@ -93,7 +94,7 @@ def test_sd2_conversion_follows_sd_mechas_sd1_rules():
     shared = sorted(k for k in sd1 & sd2 if k.startswith(UNET))
     blocks = {name: float(i) for i, name in enumerate(block_names("sd1-ldm"))}
     node = sd_mecha.convert(sd_mecha.literal(blocks, config="sd1-supermerger_blocks"), "sd1-ldm")
-    values = sd_mecha.merge(node, output_dtype=torch.float32, check_extra_keys=False, tqdm=quiet_tqdm)
+    values = tiny_merge.merge(node, output_dtype=torch.float32, check_extra_keys=False, tqdm=quiet_tqdm)
     assert len(shared) > 600
     names = block_names("sd1-ldm")
     assert [names[int(values[k])] for k in shared] == [sd2_block_of(k) for k in shared]

@@ -248,6 +248,37 @@ def test_merge_says_what_rebasin_moved(demo, tmp_path, monkeypatch, capsys):
     ) in line
 
 
+def test_sd_mecha_read_window_fits_the_inputs(demo, tmp_path, monkeypatch, capsys):
+    """The pair merge sizes sd-mecha's read windows from its inputs (`read_buffer_bytes`): the
+    demo's files together, not sd-mecha's 256 MiB; real checkpoints keep the default. The output is
+    the same bit for bit as with the default window."""
+    import sd_mecha
+
+    from sd_mecha_rebasin.mecha import recipes
+
+    assert recipes.read_buffer_bytes(10) == 1 << 16
+    assert recipes.read_buffer_bytes(5 << 20) == 5 << 20
+    assert recipes.read_buffer_bytes(7 << 30) == recipes.SD_MECHA_BUFFER_BYTES == 1 << 28
+    a, b, *_ = demo
+    monkeypatch.chdir(tmp_path)
+    seen, original = [], sd_mecha.merge
+
+    def merge(*args, **kwargs):
+        seen.append(kwargs["total_buffer_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sd_mecha, "merge", merge)
+    rc, _, err = run_cli(capsys, "merge", a, b, "--threads", "1", "-o", "small.safetensors")
+    assert rc == 0, err
+    assert seen == [a.stat().st_size + b.stat().st_size]
+    monkeypatch.setattr(recipes, "read_buffer_bytes", lambda n: recipes.SD_MECHA_BUFFER_BYTES)
+    rc, _, err = run_cli(capsys, "merge", a, b, "--threads", "1", "-o", "default.safetensors")
+    assert rc == 0, err
+    assert seen[-1] == 1 << 28
+    small, default = load_file("small.safetensors"), load_file("default.safetensors")
+    assert small.keys() == default.keys() and all(torch.equal(small[k], default[k]) for k in small)
+
+
 def test_merge_that_moves_nothing_says_it_is_the_plain_weighted_sum(demo, tmp_path, monkeypatch, capsys):
     from sd_mecha_rebasin.cli.jobs import RunOptions, run
 

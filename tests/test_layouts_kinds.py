@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import quirks
+from support import quirks, tiny_merge
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 from support.quirks import SD1_CLIP, UNET
 
@@ -426,7 +426,7 @@ def test_sd_mecha_recipes_read_forge_files_as_canonical(tmp_path):
         sd_mecha.model(str(fa), "sdxl-sgm"), sd_mecha.model(str(fb), "sdxl-sgm"), alpha=0.5
     )
     out: dict[str, torch.Tensor] = {}
-    sd_mecha.merge(recipe, output=out, output_dtype=torch.float32, threads=1, check_extra_keys=False)
+    tiny_merge.merge(recipe, output=out, output_dtype=torch.float32, threads=1, check_extra_keys=False)
     out.pop("__metadata__", None)
     for key in (
         G + "transformer.resblocks.3.attn.in_proj_weight",

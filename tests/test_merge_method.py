@@ -22,6 +22,7 @@ import sd_mecha
 import torch
 from safetensors.torch import load_file, save_file
 from sd_mecha.extensions import merge_methods as mecha_methods
+from support import tiny_merge
 from support.forward import max_rel_error, run_model
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
@@ -103,7 +104,7 @@ class Tiny:
 
     def merge(self, recipe, **kwargs) -> dict[str, torch.Tensor]:
         with arch_override(self.config, arch_overrides(self.family, "tiny")):
-            out = sd_mecha.merge(recipe, output_dtype=torch.float32, tqdm=quiet_tqdm, **kwargs)
+            out = tiny_merge.merge(recipe, output_dtype=torch.float32, tqdm=quiet_tqdm, **kwargs)
         out.pop("__metadata__", None)
         return out
 

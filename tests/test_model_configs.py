@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sd_mecha.extensions import model_configs as mecha_configs
 from sd_mecha.extensions.builtin import model_configs as mecha_builtin_configs
+from support import tiny_merge
 
 from sd_mecha_rebasin import model_configs as rb_configs
 
@@ -51,7 +52,7 @@ def _detect(path: pathlib.Path) -> str:
 
 
 def _merge_to_file(recipe, out: pathlib.Path, **kwargs) -> dict[str, torch.Tensor]:
-    sd_mecha.merge(recipe, output=out, threads=0, tqdm=_quiet_tqdm, **kwargs)
+    tiny_merge.merge(recipe, output=out, threads=0, tqdm=_quiet_tqdm, **kwargs)
     return load_file(str(out))
 
 
@@ -215,7 +216,7 @@ def test_merge_keeps_clip_h_and_drops_unknown_keys(tmp_path, caplog):
 
     # with strict_mandatory_keys=True the missing required key is an error at graph finalization
     with pytest.raises(TypeError, match="missing required keys"):
-        sd_mecha.merge(
+        tiny_merge.merge(
             sd_mecha.model(src, config="sd2-ldm"), strict_mandatory_keys=True, threads=0, tqdm=_quiet_tqdm
         )
 

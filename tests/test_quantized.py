@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import quirks
+from support import quirks, tiny_merge
 from support.quirks import DEMO_META, UNET
 from support.unet_only import small_models, unet_of, write_unet_gguf
 
@@ -205,7 +205,7 @@ def test_sd_mecha_recipe_reads_scaled_files_dequantized(tmp_path):
     recipe = sd_mecha.weighted_sum(
         sd_mecha.model(str(a), "sd1-ldm"), sd_mecha.model(str(b), "sd1-ldm"), alpha=0.5
     )
-    merged = sd_mecha.merge(
+    merged = tiny_merge.merge(
         recipe, output_dtype=torch.float32, threads=1, tqdm=_no_bar, check_extra_keys=False
     )
     assert not [
@@ -317,7 +317,7 @@ def test_scaled_pickle_and_sd_mecha_refuse(tmp_path, capsys):
         {LAYER + ".weight.absmax": torch.ones(2), LAYER + ".weight.quant_state.bitsandbytes__nf4": U8},
     )
     with pytest.raises(UserError, match="bitsandbytes NF4"):  # sd-mecha's own reading refuses it too
-        sd_mecha.merge(
+        tiny_merge.merge(
             sd_mecha.model(str(b), "sd1-ldm"),
             output_dtype=torch.float32,
             threads=1,

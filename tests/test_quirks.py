@@ -13,7 +13,7 @@ import pathlib
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import quirks
+from support import quirks, tiny_merge
 from support.quirks import INPUT_CONV, SD1_CLIP, UNET
 
 from sd_mecha_rebasin.cli.commands import main
@@ -506,7 +506,7 @@ def test_python_recipe_merges_a_same_kind_inpainting_pair(tmp_path):
     ma, mb = sd_mecha.model(str(a), "sd1-ldm"), sd_mecha.model(str(b), "sd1-ldm")
     recipe = sd_mecha.weighted_sum(ma, sd_mecha_rebasin.rebasin(mb, ma, iters=3, threads=1), alpha=0.5)
     with arch_override("sd1-ldm", SMALL_ARCH):
-        merged = sd_mecha.merge(
+        merged = tiny_merge.merge(
             recipe, output_dtype=torch.float32, threads=1, tqdm=_no_bar, check_extra_keys=False
         )
     conv, conv_a, conv_b = merged[INPUT_CONV], sd_a[INPUT_CONV], sd_b[INPUT_CONV]
@@ -593,7 +593,7 @@ def test_python_recipe_merges_an_inpainting_a_with_a_plain_b(tmp_path):
     aligned = sd_mecha_rebasin.rebasin(mb, ma, iters=3, threads=1)
     recipe = sd_mecha.weighted_sum(ma, sd_mecha_rebasin.fill_input_channels(aligned, ma), alpha=0.5)
     with arch_override("sd1-ldm", SMALL_ARCH):
-        sd_mecha.merge(
+        tiny_merge.merge(
             recipe, output=tmp_path / "out.safetensors", output_dtype=torch.float32, threads=1, tqdm=_no_bar
         )
     conv, conv_a = load_file(str(tmp_path / "out.safetensors"))[INPUT_CONV], sd_a[INPUT_CONV]

@@ -16,6 +16,7 @@ import sd_mecha
 import torch
 from safetensors.torch import load_file, save_file
 from sd_mecha.extensions import merge_methods
+from support import tiny_merge
 from support.layouts import arch_overrides
 from test_merge_method import _one_torch_thread, assert_same, quiet_tqdm, tiny  # noqa: F401  (fixtures)
 
@@ -33,7 +34,7 @@ add_difference = merge_methods.resolve("add_difference")
 
 def merge(recipe) -> dict[str, torch.Tensor]:
     with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
-        out = sd_mecha.merge(recipe, output_dtype=torch.float32, tqdm=quiet_tqdm)
+        out = tiny_merge.merge(recipe, output_dtype=torch.float32, tqdm=quiet_tqdm)
     out.pop("__metadata__", None)
     return out
 

@@ -14,6 +14,7 @@ import gc
 import pytest
 import sd_mecha
 import torch
+from support import tiny_merge
 from support.forward import _UNET, max_rel_error, run_unet
 from support.layouts import arch_overrides, key_shapes, random_state_dict
 
@@ -196,7 +197,7 @@ def test_sd_mecha_rebasin_interface_takes_unet_only_models(tmp_path, names):
     node = sd_mecha.rebasin(sd_mecha.model(str(tmp_path / "b.safetensors"), config), ref)
     assert node.merge_method.identifier == implementation_identifier(config)
     with arch_override(config, arch_overrides("sdxl", "tiny")):
-        out = sd_mecha.merge(node, output_dtype=torch.float32, tqdm=_quiet)
+        out = tiny_merge.merge(node, output_dtype=torch.float32, tqdm=_quiet)
     out.pop("__metadata__", None)
     assert out.keys() == a.keys() and all(torch.equal(out[k], a[k]) for k in a)
 
@@ -222,7 +223,7 @@ def test_git_rebasin_with_a_full_ref_and_a_unet_only_model(tmp_path):
         sd_mecha.model(str(tmp_path / "full.safetensors"), "sd1-ldm"),
     )
     with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
-        out = sd_mecha.merge(node, output_dtype=torch.float32, tqdm=_quiet, strict_mandatory_keys=False)
+        out = tiny_merge.merge(node, output_dtype=torch.float32, tqdm=_quiet, strict_mandatory_keys=False)
     out.pop("__metadata__", None)
     assert set(out) == set(unet) and all(torch.equal(out[k], unet[k]) for k in unet)
 

@@ -531,10 +531,13 @@ def run(
             recipe = recipes.pair_recipe(mode, a, b, config, alpha_node, _rebasin_options(opts))
 
             merged: dict[str, Any] = {}
+            input_bytes = sum(ckpt.path.stat().st_size for ckpt in (a, b))
 
             def merge() -> None:
                 testhooks.pause("merging")
-                recipes.merge_into(recipe, merged, dtype, opts.threads or None, progress.tqdm_factory())
+                recipes.merge_into(
+                    recipe, merged, dtype, opts.threads or None, progress.tqdm_factory(), input_bytes
+                )
 
             try:
                 with capture_logging(opts.quiet), _arch(config, opts.arch), _reading_inputs():

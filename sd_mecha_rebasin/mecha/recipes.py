@@ -49,17 +49,34 @@ def pair_recipe(
     return sd_mecha.weighted_sum(model_a, other, alpha=alpha)
 
 
+SD_MECHA_BUFFER_BYTES = 1 << 28
+"""sd-mecha's default `total_buffer_size`: the read windows of all open safetensors files together."""
+
+
+def read_buffer_bytes(input_bytes: int) -> int:
+    """The `total_buffer_size` for inputs of `input_bytes` in all: sd-mecha's default, or the inputs'
+    own size when they are smaller (at least 64 KiB).
+
+    sd-mecha's safetensors reader allocates a window of its full share per file and, at each read
+    outside it, copies the whole window and refills it; for small inputs (the demo's, a test's) a
+    256 MiB window made that copy most of a merge's reading. Real checkpoints are larger than the
+    default, so their merges keep it. What is read is the same either way."""
+    return max(1 << 16, min(SD_MECHA_BUFFER_BYTES, input_bytes))
+
+
 def merge_into(
     recipe: sd_mecha.RecipeNode,
     output: dict[str, Any],
     dtype: torch.dtype,
     threads: int | None,
     tqdm: Callable[..., Any],
+    input_bytes: int | None = None,
 ) -> None:
     """Run `recipe` on the CPU into `output` (a dict; sd-mecha adds `__metadata__` with the recipe).
 
     Keys the config lacks are not checked (the key policy keeps them, `jobs.assemble`), and inputs
-    are not screened for NaN/Inf here (the job scanned them before)."""
+    are not screened for NaN/Inf here (the job scanned them before). `input_bytes`, the inputs'
+    size on disk, sizes sd-mecha's read windows (`read_buffer_bytes`); None keeps its default."""
     sd_mecha.merge(
         recipe,
         output=output,
@@ -69,6 +86,7 @@ def merge_into(
         tqdm=tqdm,
         check_extra_keys=False,
         omit_non_finite_inputs=False,
+        total_buffer_size=SD_MECHA_BUFFER_BYTES if input_bytes is None else read_buffer_bytes(input_bytes),
     )
 
 
