@@ -154,12 +154,13 @@ def test_mecha_files_written_either_way_merge_bit_identically_in_a_fresh_process
     done = _run_python(f"""
         import pathlib, torch, sd_mecha, sd_mecha_rebasin
         torch.set_num_threads(1)
+        from support import tiny_merge
         from support.layouts import arch_overrides
         from sd_mecha_rebasin.mecha.merge_method import arch_override
         for name in ("interface", "git_rebasin"):
             recipe = sd_mecha.deserialize_path(pathlib.Path({str(tmp_path)!r}) / f"{{name}}.mecha")
             with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
-                sd_mecha.merge(recipe, output=f"{tmp_path}/{{name}}.safetensors", output_dtype=torch.float32)
+                tiny_merge.merge(recipe, output=f"{tmp_path}/{{name}}.safetensors", output_dtype=torch.float32)
     """)
     assert done.returncode == 0, done.stderr
     for name in recipes:

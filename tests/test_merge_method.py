@@ -404,11 +404,12 @@ def test_serialized_recipe_merges_bit_identically_in_a_fresh_process(one_thread_
             print("without the import: deserialized")
         print("end of the check without the import")
         import sd_mecha_rebasin
+        from support import tiny_merge
         from support.layouts import arch_overrides
         from sd_mecha_rebasin.mecha.merge_method import arch_override
         recipe = sd_mecha.deserialize_path(path)
         with arch_override("sd1-ldm", arch_overrides("sd1", "tiny")):
-            sd_mecha.merge(recipe, output={str(out)!r}, output_dtype=torch.float32, threads=0)
+            tiny_merge.merge(recipe, output={str(out)!r}, output_dtype=torch.float32, threads=0)
     """)
     assert done.returncode == 0, done.stderr
     without_import = done.stdout.split("end of the check without the import")[0]
