@@ -516,11 +516,11 @@ def run(
             progress = Progress(enabled=opts.progress and not opts.quiet, expect_prepass=mode != "average")
             stack.callback(progress.close)
             stack.enter_context(events.listening(progress))
-            _scan_inputs((a, b), opts.threads)
-            _warn_prediction_mismatch(mode, a, b, opts.quiet)
-            if mode != "average":
+            if mode != "average":  # headers only: refused in milliseconds, before any file is read
                 for ckpt in (a, b):
                     check_spec(ckpt, opts, [b if ckpt is a else a])
+            _scan_inputs((a, b), opts.threads)
+            _warn_prediction_mismatch(mode, a, b, opts.quiet)
             base = layout_base(mode, a, b)
             parts = unet_only_note(a, b, base)
             if parts is not None and not opts.quiet:

@@ -389,10 +389,10 @@ def merge_many_files(
                 stack, output, opts, expected_output_bytes("merge", ckpts[ref], ckpts[ref], dtype)
             )
             mecha = recipe_text(ckpts, w, ref, max_passes, opts, start, low_memory)
+            for ckpt in ckpts:  # headers only: refused in milliseconds, before any file is read
+                check_spec(ckpt, opts, ckpts)
             for ckpt in ckpts:
                 check_finite(ckpt, threads=opts.threads or 0)
-            for ckpt in ckpts:
-                check_spec(ckpt, opts, ckpts)
             # Text encoders take part only if every input has them (UNet-only inputs: none).
             spec = _perm_spec(
                 config, opts, present_text_encoders(config, *(c.canonical_shapes() for c in ckpts))
