@@ -769,8 +769,8 @@ def plot_plateau(results: list[dict], path: Path) -> None:
         title="the line between A and B",
     )
     time_ax.set(ylabel="loss barrier", title="barrier per timestep range")
-    for ax in (train_ax, line_ax, time_ax):
-        ax.legend(fontsize=7)
+    for ax, where in ((train_ax, "upper right"), (line_ax, "upper left"), (time_ax, "upper right")):
+        ax.legend(fontsize=7, loc=where)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
