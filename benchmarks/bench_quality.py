@@ -715,32 +715,14 @@ def plot_plateau(results: list[dict], path: Path) -> None:
             train_ax.plot(
                 steps, w, "o-" if j == 0 else "s--", ms=3, color=colour, label=f"{r['width']} model {j + 1}"
             )
-        line_ax.plot(
-            x["lambdas"],
-            x["plain"],
-            "o-",
-            ms=3,
-            color=colour,
-            label=f"{r['width']} plain ({x['barrier_plain']:.3f})",
-        )
-        line_ax.plot(
-            x["lambdas"],
-            x["rebased"],
-            "s--",
-            ms=3,
-            color=colour,
-            label=f"{r['width']} re-basin ({x['barrier_rebased']:.3f})",
-        )
+        lines = [
+            (x["plain"], "o-", f"plain ({x['barrier_plain']:.3f})"),
+            (x["rebased"], "s--", f"re-basin ({x['barrier_rebased']:.3f})"),
+        ]
         if "relaxed_groups" in r:
-            g = r["relaxed_groups"]
-            line_ax.plot(
-                g["lambdas"],
-                g["rebased"],
-                "x:",
-                ms=4,
-                color=colour,
-                label=f"{r['width']} groups relaxed (not exact)",
-            )
+            lines.append((r["relaxed_groups"]["rebased"], "x:", "groups relaxed (not exact)"))
+        for values, style, label in lines:
+            line_ax.plot(x["lambdas"], values, style, ms=3, color=colour, label=f"{r['width']} {label}")
         buckets = x["by_timestep"]
         pos = np.arange(len(buckets["buckets"]))
         time_ax.bar(
