@@ -116,6 +116,19 @@ def training_curve(
     return {"steps": len(losses), "window_means": means, "last_window_change": means[-1] / means[-2] - 1.0}
 
 
+def independent_config(args: argparse.Namespace, seed: int) -> TrainConfig:
+    """Training settings of the independent model `seed` (its init, data order and noise)."""
+    return TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
+
+
+def independent(
+    args: argparse.Namespace, width: models.Width, seed: int, train_data: data.Digits
+) -> dict[str, torch.Tensor]:
+    """The independent model `seed` at this width, trained from its own init (or from the cache)."""
+    config = independent_config(args, seed)
+    return trained(Path(args.cache), width, "ind", lambda: models.build(width, seed), train_data, config)
+
+
 def fine_tuned(
     cache: Path,
     width: models.Width,
@@ -397,16 +410,10 @@ def run_width(
     spec = permutation_spec("sd1-ldm", arch=models.arch(width), shapes=models.ldm_shapes(width))
 
     def scratch(seed):
-        config = TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
-        return trained(cache, width, "ind", lambda w=width, s=seed: models.build(w, s), train_data, config)
+        return independent(args, width, seed, train_data)
 
     ind = [scratch(1), scratch(2)]
-    curves = [
-        training_curve(
-            cache, width, "ind", TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
-        )
-        for seed in (1, 2)
-    ]
+    curves = [training_curve(cache, width, "ind", independent_config(args, seed)) for seed in (1, 2)]
 
     def many_of_four(out: dict) -> None:
         four = [*ind, scratch(3), scratch(4)]
@@ -452,7 +459,7 @@ def run_width(
         log(f"{width.name}: control, model 1 against a random legal permutation of itself")
         copy = apply_permutation(spec, random_permutation(spec, seed=5), ind[0])
         out["permuted_copy"] = pair_regime(width, spec, ind[0], copy, evals, args.threads)
-        config = TrainConfig(steps=args.steps, seed=9, batch=args.batch, lr=args.lr)
+        config = independent_config(args, 9)
         other_order = trained(
             cache, width, "init1-order9", lambda: models.build(width, 1), train_data, config
         )
@@ -818,15 +825,7 @@ def main() -> None:
         )
         if args.train_only:
             for seed in args.train_only:
-                config = TrainConfig(steps=args.steps, seed=seed, batch=args.batch, lr=args.lr)
-                trained(
-                    Path(args.cache),
-                    width,
-                    "ind",
-                    lambda w=width, s=seed: models.build(w, s),
-                    train_data,
-                    config,
-                )
+                independent(args, width, seed, train_data)
             continue
 
         def save(result, width=width):

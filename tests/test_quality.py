@@ -13,7 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality import data, measure, models  # noqa: E402
 from benchmarks.quality.train import TrainConfig, train  # noqa: E402
-from sd_mecha_rebasin import apply_permutation, permutation_spec, weight_matching  # noqa: E402
+from sd_mecha_rebasin import (  # noqa: E402
+    apply_permutation,
+    permutation_spec,
+    random_permutation,
+    weight_matching,
+)
 
 WIDTH = models.Width(unet=16, clip=32, clip_heads=4, groups=4)
 LAMBDAS = (0.0, 0.5, 1.0)
@@ -198,8 +203,6 @@ def test_fixed_head_width_models_keep_their_function_under_a_random_legal_permut
     """`Width.head_width` (issue 20.3): diffusers builds heads of that width at every UNet level and
     in the text encoder, and the spec built from `models.arch` agrees with it: a random legal
     permutation leaves the forward pass unchanged. The default (8 heads) is unchanged."""
-    from sd_mecha_rebasin import random_permutation
-
     assert models.unet_config(WIDTH)["attention_head_dim"] == 8
     assert models.arch(WIDTH)["unet"] == {"num_heads": 8, "groupnorm_groups": 4}
     width = models.Width(unet=16, clip=32, groups=4, head_width=8)

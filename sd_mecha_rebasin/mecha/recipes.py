@@ -70,13 +70,13 @@ def merge_into(
     dtype: torch.dtype,
     threads: int | None,
     tqdm: Callable[..., Any],
-    input_bytes: int | None = None,
+    input_bytes: int,
 ) -> None:
     """Run `recipe` on the CPU into `output` (a dict; sd-mecha adds `__metadata__` with the recipe).
 
     Keys the config lacks are not checked (the key policy keeps them, `jobs.assemble`), and inputs
     are not screened for NaN/Inf here (the job scanned them before). `input_bytes`, the inputs'
-    size on disk, sizes sd-mecha's read windows (`read_buffer_bytes`); None keeps its default."""
+    size on disk, sizes sd-mecha's read windows (`read_buffer_bytes`)."""
     sd_mecha.merge(
         recipe,
         output=output,
@@ -86,7 +86,7 @@ def merge_into(
         tqdm=tqdm,
         check_extra_keys=False,
         omit_non_finite_inputs=False,
-        total_buffer_size=SD_MECHA_BUFFER_BYTES if input_bytes is None else read_buffer_bytes(input_bytes),
+        total_buffer_size=read_buffer_bytes(input_bytes),
     )
 
 
