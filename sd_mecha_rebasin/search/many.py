@@ -85,6 +85,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ from ..common import events
 from ..common.memory import return_freed_memory
 from ..common.workers import worker_pool
 from ..permutations.spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
+from .certify import IdentityCertifier, PassCentre
 from .matching import _accurate_sum, default_threads, weight_matching
 
 DEFAULT_MAX_PASSES = 100
@@ -141,6 +143,12 @@ class ModelStep:
     """`||mean of the others - pi_i(M_i)||` before the alignment (`distance` after it)."""
     zero_weight: bool = False
     """The model has weight 0: it is aligned (once the others have converged) but changes no target."""
+    certified: int = 0
+    """Spaces proved unmoved by the identity certificate's bound alone (`certify.py`)."""
+    exact_rows: int = 0
+    """Spaces proved unmoved with exact rows of the product."""
+    searched: int = 0
+    """Spaces solved by weight matching's full product and assignment."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +181,8 @@ class PassStats:
     seconds: float
     rebuild_seconds: float = 0.0
     """Part of `seconds` spent rebuilding a 16-bit running sum from the models (0: not rebuilt)."""
+    centre_seconds: float = 0.0
+    """Part of `seconds` spent on the identity certificate's centre (one product per space, once)."""
     unmoved: bool = False
     """After this pass every model is still in its own basis (every permutation the identity): the
     merge so far is the weighted mean of the inputs as they are."""
@@ -368,6 +378,83 @@ class _Scaled(Mapping[str, torch.Tensor]):
         return key in self.tensors
 
 
+class _OthersMean(Mapping[str, torch.Tensor]):
+    """The mean of the others, `factor * (S - alpha * M)`, for an alignment of the all-others pass
+    while `S` still holds the pass-start sum (the identity certificate's centre).
+
+    Computed key by key when read, leaving `S` as it is, until `materialize` (called before the
+    model's tensors are permuted in place, or at once for the full search): then `S - alpha * M`
+    is written into `S` in place, as the other alignments do, with an undo record of the elements
+    that adding `alpha * M` back would not restore bit for bit; `restore` puts every bit of `S`
+    back (an unmoved model). Either way each read gives the same tensor, bit for bit.
+    """
+
+    def __init__(
+        self,
+        total: dict[str, torch.Tensor],
+        model: Mapping[str, torch.Tensor],
+        alpha: float,
+        factor: float,
+        pool: Executor,
+    ):
+        self.total, self.model, self.alpha, self.factor, self.pool = total, model, alpha, factor, pool
+        self.materialized = False
+        self._undo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def unscaled(self, key: str) -> torch.Tensor:
+        """`S - alpha * M` at `key` (S's own tensor once materialized: do not change it)."""
+        value = self.total[key]
+        if self.materialized or self.alpha == 0:
+            return value
+        return value.clone().add_(self.model[key], alpha=-self.alpha)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.unscaled(key)
+        return value if self.factor == 1.0 else value * self.factor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.total)
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.total
+
+    def materialize(self) -> None:
+        if self.materialized:
+            return
+        if self.alpha != 0:
+
+            def one(key: str) -> None:
+                before = self.total[key]
+                after = before.clone().add_(self.model[key], alpha=-self.alpha)
+                back = after.clone().add_(self.model[key], alpha=self.alpha)
+                bits = _SAME_SIZE_INT[before.element_size()]
+                lost = torch.nonzero((back.view(bits) != before.view(bits)).reshape(-1)).reshape(-1)
+                self._undo[key] = (lost, before.reshape(-1)[lost].clone())
+                before.copy_(after)
+
+            list(self.pool.map(one, list(self.total)))
+        self.materialized = True
+
+    def restore(self) -> None:
+        """`S` back to the pass-start sum, bit for bit (the model must be as it was)."""
+        if not self.materialized or self.alpha == 0:
+            return
+
+        def one(key: str) -> None:
+            value = self.total[key]
+            value.add_(self.model[key], alpha=self.alpha)
+            lost, original = self._undo.pop(key)
+            value.view(-1)[lost] = original
+
+        list(self.pool.map(one, list(self.total)))
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 22) -> float:
     """`<a, b>` in float32 slices summed in float64 (no full-size float32 temporary)."""
     a, b = a.reshape(-1), b.reshape(-1)
@@ -392,6 +479,7 @@ def merge_many(
     sum_dtype: torch.dtype | None = None,
     start: str = DEFAULT_START,
     low_memory: bool = False,
+    full_search: bool = False,
     on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None = None,
 ) -> ManyResult:
     """MergeMany: the permutations that bring N models into the reference's basis (Git Re-Basin, Alg. 3).
@@ -496,6 +584,15 @@ def merge_many(
         def squared_norm(tensors: Mapping[str, torch.Tensor]) -> float:
             return math.fsum(pool.map(lambda t: _dot(t, t), tensors.values()))
 
+        def unscaled_norm(mean: _OthersMean) -> float:
+            """`||S - alpha M||^2`, as `squared_norm(total)` gives it once S holds that."""
+
+            def one(key: str) -> float:
+                value = mean.unscaled(key)
+                return _dot(value, value)
+
+            return math.fsum(pool.map(one, keys))
+
         def update(model: Mapping[str, torch.Tensor], factor: float) -> None:
             list(pool.map(lambda key: total[key].add_(model[key], alpha=factor), keys))
 
@@ -566,6 +663,25 @@ def merge_many(
         else:
             from_reference()
         copy_norms[ref] = norms[ref]
+        # While S holds the all-others pass-start sum and no model has moved, alignments leave S
+        # bit for bit as it is, and the identity certificate (certify.py) may answer them.
+        pristine = all_others
+        centres: list[PassCentre] = []
+
+        def centre() -> PassCentre:
+            """The pass's certificate centre (the weighted mean `S * w_ref / c`), built on first use."""
+            if not centres:
+                centres.append(PassCentre(spec, total, w[ref] / c, threads))
+            return centres[0]
+
+        def invalidate_centre() -> None:
+            nonlocal pristine
+            pristine = False
+            if centres:
+                centre_seconds[0] += centres[0].seconds
+            centres.clear()
+
+        centre_seconds = [0.0]
 
         converged = [True] * n
 
@@ -603,12 +719,33 @@ def merge_many(
                 copy_norms[i] = squared_norm(model)
                 if not all_others:  # (all-others: known from the first sum, before any rounding)
                     norms[i] = math.fsum(exact_norm) if exact_norm is not None else copy_norms[i]
-            if i in placed and u[i] > 0:
-                update(model, -c * u[i])
             weight_others = math.fsum(u[j] for j in placed if j != i)
             factor = 1.0 / (c * weight_others)
-            target = _Scaled(total, factor)  # the weighted mean of the others
-            mean_norm = squared_norm(total) * factor * factor
+            others_mean: _OthersMean | None = None
+            certifier: IdentityCertifier | None = None
+            if pristine:  # S is the pass-start sum: the target is computed from it, S kept exact
+                alpha = c * u[i] if i in placed and u[i] > 0 else 0.0
+                others_mean = _OthersMean(total, model, alpha, factor, pool)
+                if full_search or max_iter == 0:
+                    others_mean.materialize()
+                else:
+                    certifier = IdentityCertifier(
+                        spec,
+                        centre(),
+                        others_mean,
+                        model,
+                        precision=precision,
+                        device=str(device),
+                        threads=threads,
+                        before_move=others_mean.materialize,
+                    )
+                target: Mapping[str, torch.Tensor] = others_mean
+                mean_norm = unscaled_norm(others_mean) * factor * factor
+            else:
+                if i in placed and u[i] > 0:
+                    update(model, -c * u[i])
+                target = _Scaled(total, factor)  # the weighted mean of the others
+                mean_norm = squared_norm(total) * factor * factor
             result = weight_matching(
                 spec,
                 target,
@@ -623,17 +760,26 @@ def merge_many(
                 precision=precision,
                 warm_start=first_visit,
                 overwrite_model=True,  # `model` is ours: it now holds the newly aligned model
+                certifier=certifier,
             )
-            del target
-            if u[i] > 0:
-                update(model, c * u[i])
-            del model
+            del target, certifier
             new = result.perms if first_visit else compose(perms[i], result.perms)
             changed = sum(not np.array_equal(new[name], perms[i][name]) for name in spec.spaces)
+            if others_mean is None:
+                if u[i] > 0:
+                    update(model, c * u[i])
+            elif others_mean.materialized:
+                if changed == 0:
+                    others_mean.restore()  # S exactly the pass-start sum again
+                elif u[i] > 0:
+                    update(model, c * u[i])
+            del model, others_mean
             moved_units = sum(int(np.count_nonzero(new[name] != perms[i][name])) for name in spec.spaces)
             converged[i] = result.converged
             # A probe keeps nothing: S holds the model as matched (itself if nothing changed, else
             # the pass restarts and S is rebuilt).
+            if changed:
+                invalidate_centre()
             if not probe:
                 perms[i] = new
             if not probe:
@@ -658,6 +804,9 @@ def merge_many(
                 units,
                 before,
                 u[i] == 0,
+                result.certified,
+                result.exact_rows,
+                result.searched,
             )
             steps.append(step)
             if on_progress is not None:
@@ -670,6 +819,7 @@ def merge_many(
             """`start="auto"`: back to the incremental start (every model in its own basis, S the
             reference alone); the alignments already reported stay in `steps`."""
             nonlocal all_others, trying, restarted, exact_sum_norm, rounded
+            invalidate_centre()
             all_others, trying, restarted = False, False, True
             for j in range(n):
                 perms[j] = identity_permutation(spec)
@@ -753,6 +903,7 @@ def merge_many(
                     models_changed += changed > 0
                     perms_changed += changed
             sweeps = sum(s.sweeps for s in steps) - sweeps_before
+            invalidate_centre()  # S may be rebuilt below, and only pass 1 starts from the all-others sum
             rebuild_seconds = 0.0
             if not compact and not rounded:  # S = c * sum u_i pi_i(M_i) = (c / w_ref) sum w_i pi_i(M_i)
                 exact_sum_norm = squared_norm(total) * (w[ref] / c) ** 2
@@ -778,7 +929,9 @@ def merge_many(
                 rebuild_seconds,
                 all(_is_identity(p) for p in perms),
                 last,
+                centre_seconds[0],
             )
+            centre_seconds[0] = 0.0
             history.append(stats)
             if on_progress is not None:
                 on_progress(stats)
