@@ -378,6 +378,13 @@ def align(
     help="Match on float16 copies of the running sum and of the model being aligned (float32 inputs: "
     "half the memory; SDXL 13.5 GB less); the output is still summed in float32 from the files.",
 )
+@click.option(
+    "--full-search",
+    is_flag=True,
+    help="Run weight matching's full products for every alignment. By default an alignment of the "
+    "first pass is decided without them where a bound proves that nothing moves (models that share a "
+    "basis); the answer is the same either way, bit for bit.",
+)
 @_common_options
 @_reporting("merge-many")
 def merge_many_cmd(
@@ -388,6 +395,7 @@ def merge_many_cmd(
     max_passes: int,
     start: str,
     low_memory: bool,
+    full_search: bool,
     as_json: bool,
     **kw: Any,
 ) -> int:
@@ -409,6 +417,7 @@ def merge_many_cmd(
         max_passes=max_passes,
         start=start,
         low_memory=low_memory,
+        full_search=full_search,
         options=_options(kw, as_json),
     )
     if as_json:

@@ -92,6 +92,7 @@ class ManyRunResult:
     """Every alignment, in the order run."""
     start: str
     low_memory: bool
+    full_search: bool
     align_seconds: float
     output_seconds: float
     seconds: float
@@ -121,6 +122,7 @@ class ManyRunResult:
             "running_sum_dtype": self.sum_dtype,
             "start": self.start,
             "low_memory": self.low_memory,
+            "full_search": self.full_search,
             "restarted": self.restarted,
             "passes": [dataclasses.asdict(p) for p in self.passes],
             "alignments": [{"name": self.inputs[s.model], **dataclasses.asdict(s)} for s in self.steps],
@@ -290,6 +292,7 @@ def recipe_text(
     opts: RunOptions,
     start: str = DEFAULT_START,
     low_memory: bool = False,
+    full_search: bool = False,
 ) -> str:
     """The merge as an sd-mecha recipe (`git_rebasin_many` over the inputs), model paths as file names."""
     node = recipes.many_recipe(
@@ -300,6 +303,7 @@ def recipe_text(
         **_rebasin_options(opts),
         start=start,
         low_memory=low_memory,
+        **({"full_search": True} if full_search else {}),
     )
     text = recipes.serialize(node)
     return anonymize_recipe(text, {str(c.path.resolve()): c.name for c in ckpts})
@@ -340,6 +344,7 @@ def merge_many_files(
     max_passes: int = DEFAULT_MAX_PASSES,
     start: str = DEFAULT_START,
     low_memory: bool = False,
+    full_search: bool = False,
     options: RunOptions | None = None,
     on_progress: Callable[[ModelStep | SumRebuild | PassStats], None] | None = None,
 ) -> ManyRunResult:
@@ -349,7 +354,9 @@ def merge_many_files(
     reference's keys (EMA weights, buffers and markers kept from it as `jobs.assemble` says) and
     lives in its basis. Memory: one float32 copy of the permuted weights plus one model, whatever
     N (see `many.merge_many`); `low_memory` matches on float16 copies (float32 inputs: half that).
-    `start`: the first pass, "auto", "incremental" or "all-others" (`many.STARTS`). Raises `UserError` for
+    `start`: the first pass, "auto", "incremental" or "all-others" (`many.STARTS`). `full_search` runs
+    weight matching's products for every alignment (the default proves "nothing moves" without
+    them where it can: the same answer). Raises `UserError` for
     fewer than 2 files, bad weights, a `ref` that is not an input, an unknown `start`, mixed families (naming the odd file and both families), bad files, NaN/Inf,
     or an output that is an input or exists (without `overwrite`).
     """
@@ -388,7 +395,7 @@ def merge_many_files(
             target, recipe_target = open_targets(
                 stack, output, opts, expected_output_bytes("merge", ckpts[ref], ckpts[ref], dtype)
             )
-            mecha = recipe_text(ckpts, w, ref, max_passes, opts, start, low_memory)
+            mecha = recipe_text(ckpts, w, ref, max_passes, opts, start, low_memory, full_search)
             for ckpt in ckpts:  # headers only: refused in milliseconds, before any file is read
                 check_spec(ckpt, opts, ckpts)
             for ckpt in ckpts:
@@ -413,6 +420,7 @@ def merge_many_files(
                     precision=opts.precision,
                     start=start,
                     low_memory=low_memory,
+                    full_search=full_search,
                     on_progress=progress,
                 )
             align_seconds = time.perf_counter() - t_align
@@ -495,6 +503,7 @@ def merge_many_files(
         steps=result.steps,
         start=start,
         low_memory=low_memory,
+        full_search=full_search,
         align_seconds=align_seconds,
         output_seconds=output_seconds,
         seconds=time.perf_counter() - t0,

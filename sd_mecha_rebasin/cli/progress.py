@@ -326,13 +326,24 @@ def many_step_line(item: Any, names: list[str], pass_seconds: float | None = Non
         f"pass {item.pass_index}, model {item.model + 1} of {len(names)} ({names[item.model]}{zero}; "
         f"{item.position} of {item.visits} to align in this pass): {moved}; "
         f"distance to the mean of the others {item.distance_before:.6g} -> {item.distance:.6g} "
-        f"(gain {item.gain:+.6g}); {item.sweeps} sweep(s), {item.seconds:.1f} s{eta}"
+        f"(gain {item.gain:+.6g}); {item.sweeps} sweep(s), {decided_text(item)}{item.seconds:.1f} s{eta}"
     )
+
+
+def decided_text(item: Any) -> str:
+    """How the alignment's spaces were decided (the identity certificate), or "" when all were searched."""
+    proved = item.certified + item.exact_rows
+    if not proved:
+        return ""
+    rows = f" ({item.exact_rows} with exact rows)" if item.exact_rows else ""
+    return f"{proved} space(s) proved unmoved{rows}, {item.searched} searched, "
 
 
 def many_pass_line(item: Any) -> str:
     """One pass (`many.PassStats`) in one line; says plainly when the merge is the inputs' weighted mean."""
     rebuilt = f" (running sum rebuilt in {item.rebuild_seconds:.1f} s)" if item.rebuild_seconds else ""
+    if item.centre_seconds:
+        rebuilt += f" (certificate centre {item.centre_seconds:.1f} s)"
     line = (
         f"pass {item.pass_index} done: {item.models_changed} of {item.aligned} model(s) moved, "
         f"objective {item.objective:.8g}, mean distance {item.mean_distance:.6g}, {item.seconds:.1f} s{rebuilt}"

@@ -152,7 +152,9 @@ def _text_encoders(
 def _prepass(
     models: Sequence[StateDict[Tensor]], config: str, settings: tuple, arch: Any
 ) -> tuple[PermutationSpec, list[Permutations]]:
-    weights, ref, max_passes, iters, seed, threads, device, precision, start, low_memory = settings
+    weights, ref, max_passes, iters, seed, threads, device, precision, start, low_memory, full_search = (
+        settings
+    )
     views = [_unlimited(m) for m in models]
     keys = [key for key in models[ref].model_config.keys() if key in bound_keys(config)]
     shapes = _shapes(views, ref, keys)
@@ -178,6 +180,7 @@ def _prepass(
         precision=precision,
         start=start,
         low_memory=low_memory,
+        full_search=full_search,
         on_progress=emit_progress,  # each model's result to `events` listeners as it is known
     )
     return_freed_memory()
@@ -207,6 +210,7 @@ class rebasin_many:
         precision: Parameter(str) = "fp32",
         start: Parameter(str) = "auto",
         low_memory: Parameter(bool) = False,
+        full_search: Parameter(bool) = False,
         **kwargs,
     ) -> Return(Tensor):
         """
@@ -222,6 +226,7 @@ class rebasin_many:
         :param precision: "fp32" (exact products) or "bf16".
         :param start: the first pass: "auto" (default: all-others until a model moves, then incremental; models sharing a basis stop after one pass of N alignments, permuted ones recover as with incremental), "incremental" (each model aligned to the mean of those placed before it) or "all-others" (the paper's: to the mean of all the others in their own bases; models sharing a basis stop after N - 1 alignments, models in unrelated bases end in a worse optimum).
         :param low_memory: match on float16 copies of the running sum and of the model being aligned (the output is still summed in float32).
+        :param full_search: run weight matching's products for every alignment (by default the first pass proves "nothing moves" without them where it can; the same answer).
         """
         key = kwargs["key"]
         n = len(models)
@@ -236,7 +241,19 @@ class rebasin_many:
         bound = ema_targets(config).get(key, key)
         sources = range(n) if member < 0 else [member]
         if bound in bound_keys(config):
-            settings = (tuple(w), ref, max_passes, iters, seed, threads, device, precision, start, low_memory)
+            settings = (
+                tuple(w),
+                ref,
+                max_passes,
+                iters,
+                seed,
+                threads,
+                device,
+                precision,
+                start,
+                low_memory,
+                full_search,
+            )
             spec, perms = self._align_once(models, config, settings)
             values = [(i, permute_tensor(spec, bound, models[i][key], perms[i])) for i in sources]
         else:

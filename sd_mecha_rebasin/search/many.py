@@ -181,13 +181,13 @@ class PassStats:
     seconds: float
     rebuild_seconds: float = 0.0
     """Part of `seconds` spent rebuilding a 16-bit running sum from the models (0: not rebuilt)."""
-    centre_seconds: float = 0.0
-    """Part of `seconds` spent on the identity certificate's centre (one product per space, once)."""
     unmoved: bool = False
     """After this pass every model is still in its own basis (every permutation the identity): the
     merge so far is the weighted mean of the inputs as they are."""
     last: bool = False
     """No pass follows (converged, `max_passes` reached, or `max_iter=0`)."""
+    centre_seconds: float = 0.0
+    """Part of `seconds` spent on the identity certificate's centre (one product per space, once)."""
 
 
 @dataclasses.dataclass
