@@ -1,13 +1,15 @@
 """MergeMany on N full-size models, from files to a merged file, against sd-mecha's plain `n_average`.
 
     python benchmarks/bench_many.py sd1-ldm --n 4 8 [--max-rss-gb 12] [--kinds ours,plain] [--no-quality]
-        [--inputs permuted|shared-basis] [--starts incremental,all-others,auto] [--input-dtype fp16|fp32]
-        [--low-memory]
+        [--inputs permuted|shared-basis|odd] [--starts incremental,all-others,auto] [--input-dtype fp16|fp32]
+        [--low-memory] [--kinds ours,full,plain] [--project 70]
 
 Inputs: one random base (fan-in-scaled, fp16 or --input-dtype fp32) over the config's keys; with
 `--inputs permuted` (default) model i is a different random legal permutation of the base plus its
 own 1% noise (every model permuted, the first included); with `shared-basis` it is the base plus
-its own 1% noise, no permutation (what fine-tunes of one base are). They are built once and cached
+its own 1% noise, no permutation (what fine-tunes of one base are); with `odd`, models 1..N-1 are
+the shared-basis ones and model N the permuted set's model N (one model in another basis among
+fine-tunes). They are built once and cached
 under .bench_cache/ (gitignored), one set per kind and dtype; N = 4 uses the first 4 of N = 8.
 `demo-small` is the demo's small SD1 layout (files marked so merge-many takes its shapes): seconds
 per run, for smoke tests. `--starts` runs ours once per MergeMany first pass and prints them side by
@@ -17,7 +19,12 @@ Each merge runs in its own process, which reports its wall time per phase and it
 machine down:
 - ours: `many_job.merge_many_files` (what `sd-rebasin merge-many` runs: checks, MergeMany passes,
   output pass, metadata with every input's sha256, atomic write), reference = model 1;
+- full: ours with `full_search=True` (`--full-search`: weight matching's products for every
+  alignment, no identity certificate), the same answer, for the certificate's speed-up;
 - plain: sd-mecha's `n_average` of the same files to a file, the floor.
+`--project N` prints each kind's time for N models projected from this run: MergeMany's fixed cost
+(the certificate's centre, one product per space) plus N times its measured cost per model (the
+rest of its run over the models of the run), against `n_average`'s measured cost per model times N.
 Quality: each output's distance to the base in model 1's basis, against the ideal merge's (the base
 plus the mean of the N noises, i.e. every hidden permutation undone).
 """
@@ -45,7 +52,7 @@ MAX_N = 16
 SMALL = "demo-small"
 """The demo's small SD1 layout (sd1-ldm keys, widths / 10): a smoke-test size."""
 
-INPUTS = ("permuted", "shared-basis")
+INPUTS = ("permuted", "shared-basis", "odd")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 STARTS = ("incremental", "all-others", "auto")
 
@@ -62,6 +69,12 @@ class Inputs:
     def tag(self) -> str:  # the original permuted fp16 names are kept (existing caches stay valid)
         return ("" if self.kind == "permuted" else "-shared") + ("" if self.dtype == "fp16" else "-fp32")
 
+    def source(self, i: int, n: int) -> Inputs:
+        """The input set model i of N is taken from (`odd`: the last one from the permuted set)."""
+        if self.kind != "odd":
+            return self
+        return dataclasses.replace(self, kind="permuted" if i == n - 1 else "shared-basis")
+
     @property
     def real_config(self) -> str:
         return "sd1-ldm" if self.config == SMALL else self.config
@@ -71,8 +84,15 @@ def base_path(inputs: Inputs) -> pathlib.Path:
     return CACHE / f"{inputs.config}-many-base{'' if inputs.dtype == 'fp16' else '-fp32'}.safetensors"
 
 
-def model_path(inputs: Inputs, i: int) -> pathlib.Path:
+def model_path(inputs: Inputs, i: int, n: int | None = None) -> pathlib.Path:
+    if inputs.kind == "odd":
+        assert n is not None, "odd inputs: the model count decides which model is the odd one"
+        return model_path(inputs.source(i, n), i)
     return CACHE / f"{inputs.config}-many{inputs.tag}-{i + 1}-noise{NOISE}.safetensors"
+
+
+def model_paths(inputs: Inputs, n: int) -> list[pathlib.Path]:
+    return [model_path(inputs, i, n) for i in range(n)]
 
 
 def spec_of(inputs: Inputs):
@@ -85,11 +105,14 @@ def spec_of(inputs: Inputs):
     return permutation_spec(inputs.config)
 
 
-def hidden_perm(spec, inputs: Inputs, i: int):
+def hidden_perm(spec, inputs: Inputs, i: int, n: int | None = None):
     """Model i's hidden permutation (shared-basis: the identity)."""
     from sd_mecha_rebasin import random_permutation
     from sd_mecha_rebasin.permutations.spec import identity_permutation
 
+    if inputs.kind == "odd":
+        assert n is not None
+        return hidden_perm(spec, inputs.source(i, n), i)
     if inputs.kind == "shared-basis":
         return identity_permutation(spec)
     return random_permutation(spec, seed=1000 + i)
@@ -109,6 +132,16 @@ def build(inputs: Inputs, n: int) -> None:
     """The base and models 1..n (those not cached yet), in the inputs' dtype: every float key
     sd-mecha's config requires plus the optional ones the permutation rules bind (demo-small: its
     text encoder and UNet keys). Runs in a child process."""
+    if inputs.kind == "odd":
+        build(inputs.source(0, n), n - 1)
+        odd = inputs.source(n - 1, n)
+        if not model_path(odd, n - 1).exists():
+            _build_models(odd, [n - 1])
+        return
+    _build_models(inputs, list(range(n)))
+
+
+def _build_models(inputs: Inputs, indices: list[int]) -> None:
     import sd_mecha
     from bench_weight_matching import fine_tuned_permuted_copy, random_weights
 
@@ -138,7 +171,7 @@ def build(inputs: Inputs, n: int) -> None:
     # The base is read key by key from its file and each model written as it is built: one model in
     # memory at a time (SDXL fp32: 13 GB, where a loaded base and a serialised copy made it 40).
     base = _lazy(base_path(inputs))
-    for i in range(n):
+    for i in indices:
         if not model_path(inputs, i).exists():
             hidden = hidden_perm(spec, inputs, i)
             model = fine_tuned_permuted_copy(spec, base, hidden, NOISE, seed=2000 + i)
@@ -158,7 +191,9 @@ def _status_gb(field: str, pid: str = "self") -> float:
     return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1]) / 1024**2
 
 
-def run_ours(inputs: Inputs, n: int, out: pathlib.Path, iters: int, start: str, low_memory: bool) -> dict:
+def run_ours(
+    inputs: Inputs, n: int, out: pathlib.Path, iters: int, start: str, low_memory: bool, full_search: bool
+) -> dict:
     from sd_mecha_rebasin.cli.jobs import RunOptions
     from sd_mecha_rebasin.cli.many_job import merge_many_files
     from sd_mecha_rebasin.search.many import PassStats
@@ -176,22 +211,30 @@ def run_ours(inputs: Inputs, n: int, out: pathlib.Path, iters: int, start: str, 
                     "sweeps": item.sweeps,
                     "objective": item.objective,
                     "peak_rss_gb": _status_gb("VmHWM:"),
+                    "centre_seconds": round(item.centre_seconds, 1),
                 }
             )
             print(json.dumps({"progress": passes[-1]}), file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     res = merge_many_files(
-        [model_path(inputs, i) for i in range(n)],
+        model_paths(inputs, n),
         out,
         start=start,
         low_memory=low_memory,
+        full_search=full_search,
         options=RunOptions(iters=iters, overwrite=True, quiet=True, progress=False),
         on_progress=record,
     )
     seconds = time.perf_counter() - t0
+    decided = {"certified": 0, "exact_rows": 0, "searched": 0}
+    for step in res.steps:
+        for field in decided:
+            decided[field] += getattr(step, field)
     return {
-        "kind": "ours",
+        "kind": "full" if full_search else "ours",
+        "decided": decided,
+        "centre_seconds": sum(p.centre_seconds for p in res.passes),
         "start": start,
         "low_memory": low_memory,
         "seconds": seconds,
@@ -214,14 +257,14 @@ def run_plain(inputs: Inputs, n: int, out: pathlib.Path) -> dict:
     def quiet(*args, **kwargs):
         return tqdm(*args, **kwargs, disable=True)
 
-    models = [sd_mecha.model(model_path(inputs, i), config=inputs.real_config) for i in range(n)]
+    models = [sd_mecha.model(path, config=inputs.real_config) for path in model_paths(inputs, n)]
     t0 = time.perf_counter()
     sd_mecha.merge(sd_mecha.n_average(*models), output=out, tqdm=quiet)
     return {"kind": "plain", "seconds": time.perf_counter() - t0, "peak_rss_gb": _status_gb("VmHWM:")}
 
 
 def _label(kind: str, start: str) -> str:
-    return kind if kind != "ours" else f"ours/{start}"
+    return kind if kind == "plain" else f"{kind}/{start}"
 
 
 def run_child(
@@ -289,11 +332,11 @@ def quality(inputs: Inputs, n: int, outputs: dict[str, pathlib.Path]) -> dict[st
     from sd_mecha_rebasin.permutations.spec import invert, permute_tensor
 
     spec = spec_of(inputs)
-    hidden = [hidden_perm(spec, inputs, i) for i in range(n)]
+    hidden = [hidden_perm(spec, inputs, i, n) for i in range(n)]
     undo = [invert(h) for h in hidden]
     totals = {name: 0.0 for name in outputs} | {"ideal": 0.0}
     handles = {name: _lazy(p) for name, p in outputs.items()}
-    models = [_lazy(model_path(inputs, i)) for i in range(n)]
+    models = [_lazy(path) for path in model_paths(inputs, n)]
     base = _lazy(base_path(inputs))
     for key in base:
         b = base[key].float()
@@ -314,11 +357,12 @@ def bench(
     max_rss_gb: float,
     with_quality: bool,
     low_memory: bool,
+    project: int = 0,
 ) -> None:
-    if not all(model_path(inputs, i).exists() for i in range(max(ns))) or not base_path(inputs).exists():
+    if not all(p.exists() for p in model_paths(inputs, max(ns))) or not base_path(inputs).exists():
         run_child("build", inputs, max(ns), iters, max_rss_gb)
     name = f"{inputs.config} {inputs.kind} {inputs.dtype}{' low-memory' if low_memory else ''}"
-    runs = [("ours", start) for start in starts] if "ours" in kinds else []
+    runs = [(kind, start) for kind in ("ours", "full") if kind in kinds for start in starts]
     runs += [("plain", "")] if "plain" in kinds else []
     results = {}
     for n in ns:
@@ -330,7 +374,7 @@ def bench(
             line = (
                 f"{name} N={n} {label:>16}: {r['seconds']:7.1f} s wall, peak RSS {r['peak_rss_gb']:5.2f} GB"
             )
-            if kind == "ours":
+            if kind != "plain":
                 passes = ", ".join(
                     f"pass {p['pass']} {p['seconds']:.0f} s ({p['models_changed']}/{p['aligned']} moved, "
                     f"{p['sweeps']} sweeps)"
@@ -340,12 +384,15 @@ def bench(
                     f"\n{'':>14}checks {r['checks_seconds']:.1f} s, alignment {r['align_seconds']:.1f} s "
                     f"[{passes}], output pass {r['output_seconds']:.1f} s; converged {r['converged']}"
                     f"{'; the weighted mean of the inputs' if r['equals_weighted_mean'] else ''}"
+                    f"\n{'':>14}spaces per alignment, summed: {r['decided']['certified']} proved by the bound, "
+                    f"{r['decided']['exact_rows']} with exact rows, {r['decided']['searched']} searched; "
+                    f"certificate centre {r['centre_seconds']:.1f} s"
                 )
             print(line, flush=True)
         ours = [
             (label, results[(label, n)])
             for label, _ in ((_label(k, s), s) for k, s in runs)
-            if label.startswith("ours")
+            if not label.startswith("plain")
         ]
         if ours:
             print(f"{name} N={n} starts side by side:", flush=True)
@@ -353,15 +400,15 @@ def bench(
                 f"  {'start':<16} {'alignments':>10} {'passes':>6} {'objective':>18} {'seconds':>9} {'peak GB':>8}",
                 flush=True,
             )
-            for _, r in ours:
+            for label, r in ours:
                 print(
-                    f"  {r['start']:<16} {r['alignments']:>10} {len(r['passes']):>6} {r['objective']:>18.10g} "
+                    f"  {label:<16} {r['alignments']:>10} {len(r['passes']):>6} {r['objective']:>18.10g} "
                     f"{r['seconds']:>9.1f} {r['peak_rss_gb']:>8.2f}",
                     flush=True,
                 )
             if len(ours) == 2:
-                a, b = ours[0][1], ours[1][1]
-                print(f"  {b['start']} / {a['start']}: time x{b['seconds'] / a['seconds']:.2f}", flush=True)
+                (la, a), (lb, b) = ours
+                print(f"  {lb} / {la}: time x{b['seconds'] / a['seconds']:.2f}", flush=True)
         if ("plain", n) in results:
             plain = results[("plain", n)]
             for label, r in ours:
@@ -371,6 +418,17 @@ def bench(
                     f"peak RSS x{r['peak_rss_gb'] / plain['peak_rss_gb']:.2f}",
                     flush=True,
                 )
+                if project:
+                    fixed = r["centre_seconds"]
+                    ours_at = fixed + project * (r["seconds"] - fixed) / n
+                    plain_at = project * plain["seconds"] / n
+                    print(
+                        f"{name} N={n} {label} projected to N={project}: {ours_at:.0f} s against n_average's "
+                        f"{plain_at:.0f} s, x{ours_at / plain_at:.2f} (fixed {fixed:.1f} s + "
+                        f"{(r['seconds'] - fixed) / n:.1f} s per model; n_average {plain['seconds'] / n:.1f} s "
+                        "per model)",
+                        flush=True,
+                    )
         outs = {
             label: pathlib.Path(results[(label, n)]["out"]) for label, _ in results if (label, n) in results
         }
@@ -400,20 +458,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", choices=["sd1-ldm", "sd2-ldm", "sdxl-sgm", SMALL])
     parser.add_argument("--n", type=int, nargs="+", default=[4, 8], help=f"model counts (at most {MAX_N})")
-    parser.add_argument("--kinds", default="ours,plain", help="comma-separated subset of ours,plain")
+    parser.add_argument("--kinds", default="ours,plain", help="comma-separated subset of ours,full,plain")
     parser.add_argument(
         "--inputs",
         choices=INPUTS,
         default="permuted",
-        help="permuted, or shared-basis (fine-tunes of one base)",
+        help="permuted, shared-basis (fine-tunes of one base), or odd (one permuted model among them)",
     )
+    parser.add_argument("--project", type=int, default=0, help="also project each kind's time to this N")
     parser.add_argument("--starts", default=STARTS[0], help=f"comma-separated subset of {','.join(STARTS)}")
     parser.add_argument("--input-dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--low-memory", action="store_true", help="run ours with --low-memory")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--max-rss-gb", type=float, default=20.0, help="kill a child whose RSS passes this")
     parser.add_argument("--no-quality", action="store_true")
-    parser.add_argument("--child", choices=["build", "ours", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["build", "ours", "full", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if any(not 2 <= n <= MAX_N for n in args.n):
@@ -427,14 +486,26 @@ def main() -> None:
         return
     if args.child:
         (n,) = args.n
-        if args.child == "ours":
-            report = run_ours(inputs, n, args.out, args.iters, starts[0], args.low_memory)
+        if args.child in ("ours", "full"):
+            report = run_ours(
+                inputs, n, args.out, args.iters, starts[0], args.low_memory, args.child == "full"
+            )
         else:
             report = run_plain(inputs, n, args.out)
         print(json.dumps(report))
         return
     kinds = args.kinds.split(",")
-    bench(inputs, args.n, kinds, starts, args.iters, args.max_rss_gb, not args.no_quality, args.low_memory)
+    bench(
+        inputs,
+        args.n,
+        kinds,
+        starts,
+        args.iters,
+        args.max_rss_gb,
+        not args.no_quality,
+        args.low_memory,
+        args.project,
+    )
 
 
 if __name__ == "__main__":
