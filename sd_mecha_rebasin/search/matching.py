@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +34,6 @@ from ..permutations.spec import (
     take_along,
 )
 from .warm_start import invariant_feature_start
-
-if TYPE_CHECKING:
-    from .certify import IdentityCertifier
 
 IMPROVEMENT_TOLERANCE = 1e-12
 """A new permutation is kept only if it raises its term of the objective by more than this
@@ -71,12 +68,6 @@ class MatchResult:
     """`<ref, model>` with no permutation applied (the model as given), from the same pass over the
     tensors that rates the starting points: MergeMany's first-visit gain needs it, and a pass of
     its own over an SD model costs seconds."""
-    certified: int = 0
-    """Spaces a `certifier` proved unmoved by its bound alone (no product)."""
-    exact_rows: int = 0
-    """Spaces a `certifier` proved unmoved with exact rows of the product."""
-    searched: int = 0
-    """Spaces solved by a full cost matrix and assignment at least once."""
 
     @property
     def final(self) -> SweepStats:
@@ -340,7 +331,6 @@ def weight_matching(
     overwrite_model: bool = False,
     on_sweep: Callable[[SweepStats], None] | None = None,
     on_progress: Callable[[str, dict[str, Any]], None] | None = None,
-    certifier: IdentityCertifier | None = None,
 ) -> MatchResult:
     """Find the permutations of `model` that bring it closest to `ref` (legal ones only).
 
@@ -357,10 +347,6 @@ def weight_matching(
     `on_progress(event, data)` receives the "phase_start" / "phase" / "phase_end" events of the
     starting point (phase "start") and each sweep's "sweep_start" and "solve" events, as
     `events.py` describes them (a few per permutation solved, never per element).
-    `certifier` (`certify.IdentityCertifier`; MergeMany's all-others pass) may decide a space
-    without its product while nothing has moved from an identity start: it answers only where
-    the full solve would keep the identity, so the result is the same; the warm start then also
-    skips assignments whose answer is certainly the identity (`warm_start.diagonal_certain`).
     """
     device = product_device(device)
     _product_dtype(precision)  # reject an unknown precision before any work
@@ -385,16 +371,7 @@ def weight_matching(
     report("phase_start", {"phase": "start", "total": total, "unit": "step"})
     warm = None
     if use_warm:  # from the untouched model: its features do not depend on `start`
-        warm = invariant_feature_start(
-            spec,
-            ref,
-            model,
-            start,
-            threads=threads,
-            solver=solver,
-            on_step=step,
-            skip_certain=certifier is not None,
-        )
+        warm = invariant_feature_start(spec, ref, model, start, threads=threads, solver=solver, on_step=step)
         return_freed_memory()
     with worker_pool(threads) as pool:  # solves, and the gathers of `move_to`
         aligned = AlignedModel(spec, model, overwrite=overwrite_model, pool=pool)
@@ -409,28 +386,16 @@ def weight_matching(
         identity = figures[0][0]
         warm_figures = figures.pop() if warm is not None else None
         dot, sq = figures[-1]  # the start's
-        certify = certifier is not None and not moved_start and max_iter > 0
         if warm_figures is not None and warm_figures[0] > dot:
             dot, sq = warm_figures
-            if certifier is not None:
-                certifier.before_move()
-            certify = False
             aligned.move_to(warm)
         else:
             aligned.move_to(start)
-        if certify:
-            assert certifier is not None
-            certifier.prepare(pool)
         history = [SweepStats(0, dot, 0, 0, math.sqrt(sq) / base, time.perf_counter() - t0)]
         report("phase_end", {"phase": "start"})
         dirty = set(names)
 
-        searched: set[str] = set()
-
         def solve(name: str) -> tuple[np.ndarray, float]:  # against the model as aligned so far
-            if certify and not moved and certifier.identity_optimal(name):  # type: ignore[union-attr]
-                return aligned.perms[name], 0.0
-            searched.add(name)
             return _solve(spec, name, ref, aligned.values, aligned.perms[name], device, solver, precision)
 
         converged = False
@@ -460,8 +425,6 @@ def weight_matching(
                         # Norms do not change under permutation: ||A - pi B||^2 moves by -2 * gain.
                         dot += gain
                         sq -= 2 * gain
-                if updates and certifier is not None:
-                    certifier.before_move()
                 aligned.move_to(updates)
                 moved = moved or bool(updates)
             stats = SweepStats(
@@ -475,15 +438,4 @@ def weight_matching(
                 break
     if moved:  # the final figures recomputed from the tensors, not from the tracked gains
         dot, sq = objective_and_distance(spec, ref, aligned.values, {})
-    counts = certifier.counts() if certifier is not None else {}
-    return MatchResult(
-        aligned.perms,
-        history,
-        converged,
-        dot,
-        math.sqrt(sq) / base,
-        identity,
-        counts.get("bound", 0),
-        counts.get("rows", 0),
-        len(searched),
-    )
+    return MatchResult(aligned.perms, history, converged, dot, math.sqrt(sq) / base, identity)

@@ -136,28 +136,6 @@ def _space_cost(
     return score.numpy()  # valid until this thread's next call
 
 
-DIAGONAL_MARGIN = 1e-9
-"""Relative margin by which each diagonal entry must beat the rest of its row in
-`diagonal_certain`, far above the float64 rounding of an assignment solver's dual updates."""
-
-
-def diagonal_certain(score: np.ndarray) -> bool:
-    """Whether every row of the square `score` has its maximum on the diagonal, by a margin: the
-    identity is then the unique maximum-sum assignment (the sum of the row maxima bounds every
-    assignment and only the identity reaches it), over any subgroup that contains it too."""
-    n = len(score)
-    if n < 2:
-        return True
-    diagonal = np.diagonal(score).copy()
-    np.fill_diagonal(score, -np.inf)  # in place (no copy of a matrix of up to 200 MB), restored below
-    try:
-        best = score.max(axis=1)
-    finally:
-        np.fill_diagonal(score, diagonal)
-    margin = DIAGONAL_MARGIN * (np.abs(diagonal) + np.abs(best) + 1e-300)
-    return bool((diagonal > best + margin).all())
-
-
 def invariant_feature_start(
     spec: PermutationSpec,
     ref: Mapping[str, torch.Tensor],
@@ -167,14 +145,11 @@ def invariant_feature_start(
     threads: int = 1,
     solver: str | None = None,
     on_step: Callable[[], None] | None = None,
-    skip_certain: bool = False,
 ) -> Permutations:
     """Each permutation matched on its own from invariant features (spaces with none keep `init`).
 
     `on_step()` is called in the calling thread after each key's features and each space's
-    assignment (progress: keys held by both models, then every space). `skip_certain`: a space
-    whose cost matrix has each row's strict maximum on the diagonal (`diagonal_certain`) gets
-    the identity without an assignment (the assignment's unique optimum)."""
+    assignment (progress: keys held by both models, then every space)."""
     step = on_step or (lambda: None)
 
     def both(key: str) -> tuple[KeyFeatures, KeyFeatures]:
@@ -184,8 +159,6 @@ def invariant_feature_start(
         cost = _space_cost(spec, space, features)
         if cost is None:
             return init[space]
-        if skip_certain and diagonal_certain(cost):
-            return groups.identity(spec.spaces[space].tree)
         return groups.best_element(spec.spaces[space].tree, cost, solver)
 
     def counted(results: Iterator[Any]) -> Iterator[Any]:
