@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = "sd_mecha_rebasin"
 ROOT = pathlib.Path(__file__).resolve().parent.parent / PACKAGE
-LAYERS = ["common", "model_configs", "permutations", "architectures", "search", "files", "mecha", "cli"]
+LAYERS = ["common", "model_configs", "permutations", "architectures", "search", "files", "mecha", "cli", "comfyui"]
 """Lowest first; the package's own `__init__` and `__main__` sit above all of them."""
 
 

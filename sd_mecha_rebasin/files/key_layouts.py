@@ -25,6 +25,14 @@ What each layout is, as data:
   `sd2-ldm` config marks layer 23 optional). Such a file is read as it is and `Layout.notes` says
   so (the output has 23 layers too: nothing is made up); fewer layers are refused.
 - A diffusers pipeline folder is refused in one line (`refuse_diffusers_folder`).
+- `MEMORY_RULES`: layouts that live in another program's memory, never in files (`plan(...,
+  rules=MEMORY_RULES)`; files are never read through them). ComfyUI's MODEL names the UNet
+  `diffusion_model.*`; its CLIP names are `clip_l.transformer.text_model.*` (SD1, SDXL's CLIP-L),
+  `clip_h.transformer.*` (SD2) and `clip_g.transformer.*` (SDXL), the OpenCLIP encoders in
+  transformers' layout (q/k/v split, `text_projection.weight` transposed), as ComfyUI's
+  `supported_models.py` converts them. `MEMORY_ONLY`: keys such a program holds that no checkpoint
+  has (ComfyUI's CLIP-L `text_projection` and `logit_scale`, dropped when it saves).
+  `Layout.to_source` maps a canonical tensor back to the program's keys (the exact inverse).
 """
 
 from __future__ import annotations
@@ -69,6 +77,32 @@ PREFIX_RULES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
 }
 """Source layout -> (source prefix, canonical prefix, a pattern some key of the file must match
 for the rule to apply, or None); the first rule whose prefix and condition match renames a key."""
+
+COMFYUI = "ComfyUI (in memory: MODEL and CLIP)"
+
+MEMORY_RULES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
+    COMFYUI: (
+        ("diffusion_model.", "model.diffusion_model.", None),
+        # SDXL (a clip_g beside it) first: its CLIP-L lives under conditioner.embedders.0.
+        ("clip_l.", "conditioner.embedders.0.", r"^clip_g\."),
+        ("clip_l.", "cond_stage_model.", None),
+        # the OpenCLIP encoders, in transformers' layout under `transformer.`: converted to
+        # open_clip's names by `HF_TO_OPENCLIP` (q/k/v fused, text_projection transposed)
+        ("clip_g.transformer.", "conditioner.embedders.1.model.", None),
+        ("clip_g.", "conditioner.embedders.1.model.", None),
+        ("clip_h.transformer.", "cond_stage_model.model.", None),
+        ("clip_h.", "cond_stage_model.model.", None),
+    ),
+}
+"""Layouts of models held in another program's memory (same form as `PREFIX_RULES`): read only
+through `plan(..., rules=MEMORY_RULES)`, never applied to files."""
+
+MEMORY_ONLY: dict[str, re.Pattern[str]] = {
+    COMFYUI: re.compile(r"clip_l\.(?:transformer\.text_projection\.weight|logit_scale)"),
+}
+"""Layout -> the keys its program holds that no checkpoint has (ComfyUI's CLIP-L projection and
+logit scale: SD1 and SDXL never use them, ComfyUI drops them when it saves); not renamed, never
+permuted."""
 
 OPENCLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
 OPENCLIP_LAYERS = {"cond_stage_model.model.": (24, 23)}
@@ -160,11 +194,28 @@ class Layout:
             else:
                 yield key, parts[0]
 
+    def to_source(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The source keys and tensors that the canonical `key` holding `tensor` comes from: the
+        exact inverse of `read` (a fused q/k/v split in equal thirds, views; a transposed key
+        transposed back, contiguous)."""
+        source = self.sources[key]
+        if source.op == "cat":
+            return list(zip(source.keys, torch.chunk(tensor, len(source.keys), dim=0)))
+        if source.op == "t":
+            return [(source.keys[0], tensor.t().contiguous())]
+        return [(source.keys[0], tensor)]
+
 
 def plan(
-    path: str | pathlib.Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]
+    path: str | pathlib.Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, torch.dtype],
+    rules: Mapping[str, tuple[tuple[str, str, str | None], ...]] = PREFIX_RULES,
 ) -> Layout:
-    """The canonical reading of a file with these keys; UserError for a layout that cannot be read."""
+    """The canonical reading of a file with these keys; UserError for a layout that cannot be read.
+
+    `rules`: the prefix rules to read with (`PREFIX_RULES` for files, `MEMORY_RULES` for a model
+    held by another program; `path` then names the model in messages)."""
     path = pathlib.Path(path)
     names: list[str] = []
     renamed: dict[str, str] = {}  # file key -> name after prefix rules
@@ -173,10 +224,10 @@ def plan(
         if new != key and WRAPPER_LAYOUT not in names:
             names.append(WRAPPER_LAYOUT)
         renamed[key] = new
-    for layout, rules in PREFIX_RULES.items():
+    for layout, layout_rules in rules.items():
         active = [
             (src, dst)
-            for src, dst, cond in rules
+            for src, dst, cond in layout_rules
             if cond is None or any(re.search(cond, k) for k in renamed.values())
         ]
         for key, name in renamed.items():
