@@ -11,7 +11,9 @@ The folders are the layers, lowest first: `common`, `model_configs`, `permutatio
 below (tests/test_layers.py).
 
 Started as the `sd-rebasin` command line, Ctrl-C during this import (seconds: torch, sd-mecha) ends
-it with one line and exit code 130 (`common.launch`); the guard is set before any heavy import.
+it with one line and exit code 130 (`common.launch`); the guard is set before any heavy import. The
+console script stops this import after the guard and finishes it when a command runs, so that
+`sd-rebasin --help` and usage errors need neither torch nor sd-mecha (`common.launch.finish_import`).
 """
 
 from .common import launch as _launch
@@ -19,29 +21,30 @@ from .common import testhooks as _testhooks
 
 _launch.guard_start()
 
-from .architectures import permutation_spec  # noqa: E402
-from .common import sd_mecha_compat  # noqa: E402, F401  (torch and sd-mecha: after the guard; first, patches <1.1.8)
+if not _launch.import_deferred():  # the console script imports the rest when a command runs
+    from .architectures import permutation_spec
+    from .common import sd_mecha_compat  # noqa: F401  (torch and sd-mecha: after the guard; first, patches <1.1.8)
 
-_testhooks.pause("importing")
+    _testhooks.pause("importing")
 
-from .files import sd_mecha_formats as _sd_mecha_formats  # noqa: E402
-from .mecha.input_channels import fill_input_channels  # noqa: E402
-from .mecha.merge_method import rebasin  # noqa: E402
-from .mecha.merge_method_many import rebasin_many  # noqa: E402
-from .model_configs import register_model_configs  # noqa: E402
-from .permutations.spec import (  # noqa: E402
-    Permutations,
-    PermutationSpec,
-    apply_permutation,
-    random_permutation,
-)
-from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors  # noqa: E402
-from .search.matching import MatchResult, SweepStats, weight_matching  # noqa: E402
+    from .files import sd_mecha_formats as _sd_mecha_formats
+    from .mecha.input_channels import fill_input_channels
+    from .mecha.merge_method import rebasin
+    from .mecha.merge_method_many import rebasin_many
+    from .model_configs import register_model_configs
+    from .permutations.spec import (
+        Permutations,
+        PermutationSpec,
+        apply_permutation,
+        random_permutation,
+    )
+    from .search.many import ManyResult, ModelStep, PassStats, SumRebuild, merge_many, merged_tensors
+    from .search.matching import MatchResult, SweepStats, weight_matching
 
-register_model_configs()
-_sd_mecha_formats.register()  # sd-mecha reads pickles, GGUF, fp8 scaled files and other tools' key layouts
+    register_model_configs()
+    _sd_mecha_formats.register()  # sd-mecha reads pickles, GGUF, fp8 scaled files and other tools' key layouts
 
-from .mecha import blocks, interface, unet_only  # noqa: E402, F401  (register on import; need the configs above)
+    from .mecha import blocks, interface, unet_only  # noqa: F401  (register on import; need the configs above)
 
 __all__ = [
     "ManyResult",

@@ -1,6 +1,8 @@
 """The `sd-rebasin` command line: merge, align, inspect, demo (commands and printing only).
 
-The jobs themselves are library functions in `jobs.py`; progress display is `progress.py`.
+The jobs themselves are library functions in `jobs.py`; progress display is `progress.py`. This
+module imports neither torch nor sd-mecha: each command imports its job when it runs (after
+`common.launch.finish_import`), so `--help` and usage errors answer at once.
 Every problem the user can fix is a `UserError`, printed as one line
 `sd-rebasin: error: <file>: <problem>` with exit code 1 (2 for usage errors), never a traceback
 (set SD_REBASIN_DEBUG=1 to see one). Output files are written under a temporary name and renamed
@@ -20,17 +22,28 @@ import pathlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..common.errors import UserError
-from ..common.launch import INTERRUPTED, end_start_guard, json_requested
-from ..files.checkpoint import FAMILY_NAMES
-from ..mecha.blocks import block_names, block_order_text, check_range, parse_alpha
-from ..search.matching import PRECISIONS
-from .jobs import DTYPES, RunOptions, RunResult, describe_checkpoint, run
+from ..common.launch import INTERRUPTED, end_start_guard, finish_import, import_deferred, json_requested
 from .progress import PROG, recording_warnings
+
+if TYPE_CHECKING:
+    from .jobs import RunOptions, RunResult
+
+PRECISIONS = ("fp32", "bf16")
+"""`--precision`: `search.matching.PRECISIONS`, written out so that `--help` needs no torch (a test
+checks that the two agree)."""
+OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
+"""`--output-dtype`: the keys of `jobs.DTYPES`, written out for the same reason (tested likewise)."""
+BLOCK_ORDERS = {
+    "SD1 and SD2": (26, "BASE, IN00..IN11, M00, OUT00..OUT11"),
+    "SDXL": (20, "BASE, IN00..IN08, M00, OUT00..OUT08"),
+}
+"""`--alpha`'s block counts and orders, as `mecha.blocks.block_names` and `block_order_text` give
+them from sd-mecha's block configs for sd1-ldm and sdxl-sgm (tested likewise)."""
 
 
 def _fmt_bytes(n: int) -> str:
@@ -47,6 +60,8 @@ def _print_result(res: RunResult, as_json: bool, quiet: bool) -> None:
         return
     if quiet:
         return
+    from ..files.checkpoint import FAMILY_NAMES
+
     family = FAMILY_NAMES.get(res.config, res.config)
     click.echo(f"wrote {res.output} ({family}, {_fmt_bytes(res.output_bytes)})")
     click.echo(rebasin_line(res))
@@ -113,12 +128,14 @@ _report: _Report | None = None
 
 def _reporting(command: str) -> Callable[[Callable], Callable]:
     """Run a command with its warnings recorded (stderr unless `quiet`), for `_print_json` and for
-    the failure object `_main` prints under `--json`."""
+    the failure object `_main` prints under `--json`; the package's deferred import (torch,
+    sd-mecha) is finished first."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run_command(*args: Any, **kw: Any) -> Any:
             global _report
+            finish_import()
             report = _Report(command, bool(kw.get("as_json")))
             _report = report
             with recording_warnings(echo=not kw.get("quiet", False)) as report.warnings:
@@ -169,7 +186,7 @@ def _common_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--output-dtype",
-            type=click.Choice(list(DTYPES)),
+            type=click.Choice(list(OUTPUT_DTYPES)),
             default="fp16",
             show_default=True,
             help="Dtype of the merged weights (buffers and markers keep theirs).",
@@ -201,6 +218,8 @@ def _common_options(fn: Callable) -> Callable:
 def _options(kw: dict[str, Any], as_json: bool = False) -> RunOptions:
     """The job's options; under `--json` the job always reports its warnings (the JSON object lists
     them; `-q` then keeps them off stderr only)."""
+    from .jobs import RunOptions
+
     return RunOptions(
         iters=kw["iters"],
         seed=kw["seed"],
@@ -251,8 +270,8 @@ def cli() -> None:
     help="Weight of B: the output is (1 - alpha) * A + alpha * pi(B); 0.5 is the plain average "
     "of A and B aligned to A, 0 gives A, 1 gives pi(B). Per-block weights (MBW, supermerger's "
     "blocks): one number per block, comma-separated, in this order: "
-    f"SD1 and SD2 ({len(block_names('sd1-ldm'))}): {block_order_text('sd1-ldm')}; "
-    f"SDXL ({len(block_names('sdxl-sgm'))}): {block_order_text('sdxl-sgm')}. Or BLOCK=W pairs, "
+    + "; ".join(f"{family} ({count}): {order}" for family, (count, order) in BLOCK_ORDERS.items())
+    + ". Or BLOCK=W pairs, "
     "the rest from default=W or --alpha-default (e.g. IN00=0,OUT11=1,default=0.5). BASE is the "
     "text encoder(s), time embedding and (SD1/SD2) VAE; SDXL's VAE follows BASE unless VAE=W is given.",
 )
@@ -286,6 +305,9 @@ def merge(
     ||A - pi(B)|| / ||A - B||. When nothing moved, the merge equals the plain weighted sum of A and
     B (fine-tunes of one base usually share its basis) and the summary says so.
     """
+    from ..mecha.blocks import check_range, parse_alpha
+    from .jobs import run
+
     try:
         weights = parse_alpha(alpha, alpha_default)
         check_range(weights, allow_extrapolation)
@@ -323,6 +345,8 @@ def align(
 
     The output has B's keys; B's EMA weights are permuted like the UNet weights they copy.
     """
+    from .jobs import run
+
     res = run("align", model_a, model_b, output, _options(kw, as_json))
     _print_result(res, as_json, kw["quiet"])
     return 0
@@ -407,6 +431,7 @@ def merge_many_cmd(
     keys, so LoRAs and ControlNets made for the reference's base keep working. Memory does not
     grow with N.
     """
+    from ..files.checkpoint import FAMILY_NAMES
     from .many_job import merge_many_files, parse_weights
 
     res = merge_many_files(
@@ -462,6 +487,8 @@ def merge_many_cmd(
 @_reporting("inspect")
 def inspect_cmd(file: pathlib.Path, verbose: bool, as_json: bool) -> int:
     """Show a checkpoint's family, keys, dtypes and what re-basin permutes in it."""
+    from .jobs import describe_checkpoint
+
     info = describe_checkpoint(file, verbose)
     if as_json:
         info.pop("spec", None)
@@ -576,9 +603,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     `argv=None` is the real command line (sys.argv); a list runs in-process (tests, embedding).
     SIGTERM is handled like Ctrl-C while it runs, so that temporary files are removed. Ctrl-C
-    before this point (while the package imported) had its own guard (`common.launch`).
+    before the command starts (while the package imports) has its own guard (`common.launch`),
+    which the command ends once the package is imported (`_reporting`).
     """
-    end_start_guard()
+    if not import_deferred():
+        end_start_guard()
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread (embedded use)
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

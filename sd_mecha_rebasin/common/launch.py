@@ -3,7 +3,7 @@
 Importing the package takes seconds (torch, sd-mecha); a SIGINT then would raise KeyboardInterrupt
 inside some library's import and print its traceback. When this process is the `sd-rebasin`
 command line, the package's `__init__` calls `guard_start()` before any heavy import, and until
-the command's own handling begins (`end_start_guard()`, first thing in `cli.commands.main`) SIGINT
+the command's own handling begins (`end_start_guard()`, once the package is imported) SIGINT
 prints `sd-rebasin: error: interrupted; no output written` (with `--json`, also the failure object
 on stdout) and exits with code 130 at once: nothing has been written yet. A program that imports
 the package keeps Python's KeyboardInterrupt.
@@ -13,11 +13,17 @@ The process is the command line when it was started
   script's first import is light) and is loaded before the package, or
 - as `python -m sd_mecha_rebasin`: Python imports the package while `sys.argv[0]` is "-m" (its
   documented behaviour while it locates the module), and `sys.orig_argv` names the module.
+
+The console script also defers the package's heavy import: its `main` sets `DEFER_IMPORT` in the
+entry module, the package's `__init__` then stops after the guard (`import_deferred`), and the
+command that runs finishes the import (`finish_import`). So `sd-rebasin --help` and usage errors
+need neither torch nor sd-mecha, and Ctrl-C during the deferred import is still guarded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -31,6 +37,8 @@ PACKAGE = "sd_mecha_rebasin"
 ENTRY_MODULE = "sd_rebasin_cli"
 """The console script's entry module (pyproject's `[project.scripts]`), at the top level."""
 INTERRUPTED = "interrupted; no output written"
+DEFER_IMPORT = "DEFER_IMPORT"
+"""The entry module's flag: true while the package's heavy import waits for a command."""
 
 
 def is_command_line() -> bool:
@@ -66,6 +74,21 @@ def guard_start() -> None:
         return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def import_deferred() -> bool:
+    """Whether the package's `__init__` should stop after the start guard (see the module docstring)."""
+    return bool(getattr(sys.modules.get(ENTRY_MODULE), DEFER_IMPORT, False))
+
+
+def finish_import() -> None:
+    """Run the rest of a deferred package import (torch, sd-mecha, the registrations: the package's
+    `__init__` again, now in full), then end the start guard. Without a deferred import: only the latter."""
+    entry = sys.modules.get(ENTRY_MODULE)
+    if getattr(entry, DEFER_IMPORT, False):
+        setattr(entry, DEFER_IMPORT, False)
+        importlib.reload(sys.modules[PACKAGE])
+    end_start_guard()
 
 
 def end_start_guard() -> None:
