@@ -25,7 +25,7 @@ from ..files import key_layouts
 from ..files.checkpoint import FAMILY_NAMES
 from ..permutations.spec import Permutations, PermutationSpec
 from ..search.matching import MatchResult
-from .merge_method import Settings, align, bound_keys
+from .merge_method import Settings, _arch_lock, _arch_overrides, align, bound_keys
 
 UNET_PREFIX = "model.diffusion_model."
 CROSS_ATTENTION_WIDTHS = {768: "sd1-ldm", 1024: "sd2-ldm", 2048: "sdxl-sgm"}
@@ -159,7 +159,8 @@ def align_in_memory(
     file). Returns the moved keys' permuted tensors in `model`'s names.
 
     `arch`, `config`: facts and family of small test models, whose widths tell no family (see
-    `permutation_spec`); real models need neither. UserError (one line) for models of
+    `permutation_spec`; without `arch`, those set by `merge_method.arch_override`, as for the merge
+    methods); real models need neither. UserError (one line) for models of
     two families or a model this package cannot re-base; progress goes to `events` listeners.
     """
     layouts: list[key_layouts.Layout] = []
@@ -176,6 +177,9 @@ def align_in_memory(
             f"{names[0]} is {family[0]}, {names[1]} is {family[1]}: re-basin aligns two models of one family"
         )
     config = configs[0]
+    if arch is None:  # small test models in a server: the facts set with `merge_method.arch_override`
+        with _arch_lock:
+            arch = _arch_overrides.get(config)
     ref_view = MemoryModel(ref, layouts[0], config)
     model_view = MemoryModel(model, layouts[1], config)
     try:
