@@ -1,4 +1,4 @@
-"""Print README's coverage table: what the spec permutes in each shipped config.
+"""Print the coverage table of docs/how-it-works.md: what the spec permutes in each shipped config.
 
 python tools/coverage_table.py
 """
