@@ -25,6 +25,11 @@ class SmallSD1ClipModel(comfy.sd1_clip.SD1ClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
         model_options = {**model_options, "clip_l_model_config": dict(SMALL_CLIP)}
         super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
+        embeddings = self.clip_l.transformer.text_model.embeddings  # ComfyUI fixes the vocabulary at 49408
+        old = embeddings.token_embedding
+        embeddings.token_embedding = type(old)(
+            SMALL_CLIP["vocab_size"], old.embedding_dim, dtype=old.weight.dtype, device=old.weight.device
+        )
 
 
 class SmallSD15(comfy.supported_models.SD15):
