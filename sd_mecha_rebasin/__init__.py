@@ -7,7 +7,7 @@ sd2-ldm and sdxl-sgm (`mecha.interface`), so that `sd_mecha.rebasin(a, ref)` is 
 and SDXL, and the conversion of SD1 block weights to sd2-ldm keys (`mecha.blocks`).
 
 The folders are the layers, lowest first: `common`, `model_configs`, `permutations`,
-`architectures`, `search`, `files`, `mecha`, `cli`; a module imports only from its own layer or
+`architectures`, `search`, `files`, `mecha`, `cli`, `comfyui`; a module imports only from its own layer or
 below (tests/test_layers.py).
 
 Started as the `sd-rebasin` command line, Ctrl-C during this import (seconds: torch, sd-mecha) ends
