@@ -10,6 +10,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+from support.sd_mecha_versions import upstream_xfail  # noqa: E402
+
 UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 """README's test command runs one worker per core (`-n auto`); each worker then gets one core."""
 
@@ -34,12 +36,15 @@ SLOW_TESTS = frozenset(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Listed tests are slow, and so are full-size tests (README's command runs those in a process of
-    their own, after the xdist workers: two at once could need twice the memory on CI's 24 GB)."""
+    their own, after the xdist workers: two at once could need twice the memory on CI's 24 GB).
+    Tests that the installed sd-mecha cannot pass (support/sd_mecha_versions.py) are strict xfails."""
     for item in items:
         if item.nodeid.split("[")[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("full_size"):
             item.add_marker(pytest.mark.slow)
+        if (upstream := upstream_xfail(item.nodeid)) is not None:  # an sd-mecha bug (dev branch)
+            item.add_marker(upstream)
 
 
 @pytest.fixture(autouse=True)

@@ -119,7 +119,7 @@ def test_dispatch_order_prefers_the_inferred_config_then_ours():
     ]
 
 
-@pytest.mark.parametrize("version", ["1.1.5", "1.2.0", "2.0.0"])
+@pytest.mark.parametrize("version", ["1.1.5", "1.3.0", "2.0.0"])
 def test_dispatch_is_left_alone_on_an_unexpected_sd_mecha_version(version):
     fresh = copy.copy(INTERFACE)
     del fresh.dispatch  # sd-mecha's own method again
@@ -131,6 +131,7 @@ def test_dispatch_is_left_alone_on_an_unexpected_sd_mecha_version(version):
         assert mecha_interface.install_dispatch(fresh, version="1.1.9")
         assert getattr(fresh.dispatch, "_sd_mecha_rebasin", False)
         assert mecha_interface.install_dispatch(fresh, version="1.1.8")  # already in place
+        assert mecha_interface.install_dispatch(fresh, version="1.2.0")  # the development branch
 
 
 def test_mecha_files_written_either_way_merge_bit_identically_in_a_fresh_process(tiny, tmp_path):  # noqa: F811  (the imported fixture)

@@ -20,8 +20,8 @@ file satisfies `sd1-ldm`. sd-mecha has no public way to order candidates, so
 candidates for the config sd-mecha itself infers for `a` (the config the merge would use), ours
 before others; then every other candidate, ours first, as sd-mecha would. sd-mecha's own dispatch
 does the rest (its checks and errors are unchanged). It relies on `MergeMethodInterface.candidates`
-and `.dispatch` of sd-mecha 1.1.x, so it is applied only when the installed sd-mecha is within this
-package's pin (`SD_MECHA_RANGE`); otherwise a warning says so and sd-mecha's dispatch is left alone
+and `.dispatch` (the same in 1.1.6-1.1.8 and the 1.2.0 development branch), so it is applied only
+when the installed sd-mecha is within this package's pin (`SD_MECHA_RANGE`); otherwise a warning says so and sd-mecha's dispatch is left alone
 (`git_rebasin` itself never depends on it).
 """
 
@@ -40,7 +40,7 @@ from sd_mecha.extensions import merge_methods as mecha_methods
 from sd_mecha.extensions import model_configs as mecha_configs
 from torch import Tensor
 
-from ..common.sd_mecha_compat import SD_MECHA_RANGE
+from ..common.sd_mecha_compat import SD_MECHA_RANGE, version_range_text
 from ..model_configs import sd1_or_sd2_from_shapes
 from ..model_configs.unet_only import UNET_ONLY_LAYOUTS, full_config, ldm_names
 from .merge_method import rebasin as git_rebasin
@@ -201,7 +201,7 @@ def install_dispatch(interface: Any = None, version: str | None = None) -> bool:
     )
     if not low <= _version_tuple(version) < high or not expected:
         warnings.warn(
-            f"sd_mecha_rebasin: sd-mecha {version} is outside the tested range >=1.1.6,<1.2 (tested on 1.1.6, 1.1.7, 1.1.8); "
+            f"sd_mecha_rebasin: sd-mecha {version} is outside the tested range {version_range_text()}; "
             "sd_mecha.rebasin keeps sd-mecha's own candidate order (use sd_mecha_rebasin.rebasin, "
             "merge method 'git_rebasin', for exact re-basin)",
             RuntimeWarning,

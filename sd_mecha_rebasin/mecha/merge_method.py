@@ -22,7 +22,6 @@ which deadlocks whenever sd-mecha reaches another key first (threads=0, or the k
 
 # No `from __future__ import annotations`: sd-mecha evaluates the Parameter annotations at runtime.
 import contextlib
-import copy
 import dataclasses
 import functools
 import logging
@@ -33,12 +32,12 @@ from typing import Any
 
 import torch
 from sd_mecha import Parameter, Return, StateDict, StateDictKeyError, merge_method
-from sd_mecha.keys_map import KeyMapBuilder
 from torch import Tensor
 
 from ..architectures import config_shapes, permutation_spec, present_text_encoders
 from ..common import events
 from ..common.memory import return_freed_memory
+from ..common.sd_mecha_compat import KeyMapBuilder, key_map_output_config, key_map_params, unlimited_view
 from ..common.workers import worker_pool
 from ..files.variants import match_input_conv
 from ..permutations.spec import Permutations, PermutationSpec, permute_tensor
@@ -128,16 +127,9 @@ class Alignment:
 
 
 def _unlimited(state_dict: StateDict[Tensor]) -> StateDict[Tensor]:
-    """`state_dict` without sd-mecha's per-key read limit (see the module docstring).
-
-    sd-mecha 1.1.x passes a `MergeNodeWrapperStateDict` whose `input_keys_constraints` lists the keys
-    declared for the current output key; `None` means no limit (as with `validate_mm_contract=False`).
-    """
-    if getattr(state_dict, "input_keys_constraints", None) is None:
-        return state_dict
-    view = copy.copy(state_dict)
-    view.input_keys_constraints = None
-    return view
+    """`state_dict` without sd-mecha's per-key read limit (see the module docstring and
+    `sd_mecha_compat.unlimited_view`, where the versions differ)."""
+    return unlimited_view(state_dict)
 
 
 COMPACT_CHUNK = 1 << 20
@@ -314,8 +306,8 @@ class rebasin:
 
     @staticmethod
     def map_keys(b: KeyMapBuilder) -> None:
-        bound = bound_keys(b.output_config.identifier)
-        own_params = [p for p in b.params if p != "ref"]
+        bound = bound_keys(key_map_output_config(b).identifier)
+        own_params = [p for p in key_map_params(b) if p != "ref"]
         for key in b.keys():
             own = functools.reduce(lambda x, y: x & y, (getattr(b, p).keys[key] for p in own_params))
             # `ref[key]` is optional: a key of `a` that `ref` lacks is still permuted.
