@@ -94,7 +94,7 @@ def align_objects(
         ref.update(weights_of(clip_a.patcher))
         model.update(weights_of(clip_b.patcher))
     listener = EventBar() if bar is None else EventBar(bar)
-    with one_line_errors(node), events.listening(listener):
+    with one_line_errors(node), events.listening(listener), torch.inference_mode(False):
         result = align_in_memory(
             ref, model, iters=iters, seed=seed, device=device, names=("model A", "model B")
         )
@@ -265,7 +265,9 @@ class RebasinMergeMany:
         import comfy.sd
         import folder_paths
 
-        with one_line_errors("Re-Basin Merge Many"):
+        # ComfyUI runs nodes in inference mode, which is per thread: tensors made here must stay
+        # writable in the package's worker threads
+        with one_line_errors("Re-Basin Merge Many"), torch.inference_mode(False):
             names = checkpoint_names([ckpt_name_1, ckpt_name_2, ckpt_name_3], more_checkpoints)
             output_name = output_name.strip()
             if not output_name.endswith(".safetensors"):
