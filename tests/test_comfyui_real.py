@@ -38,7 +38,9 @@ from safetensors.torch import load_file
 from support.comfyui_server import REPO, ComfyUI, comfy_mecha_pack, what_is_missing
 
 MISSING = what_is_missing()
-pytestmark = [pytest.mark.skipif(MISSING is not None, reason=f"no real ComfyUI: {MISSING}"), pytest.mark.slow]
+if MISSING is not None:
+    pytest.skip(f"no real ComfyUI: {MISSING}", allow_module_level=True)
+pytestmark = pytest.mark.slow
 
 CLI_TIMEOUT = 3600
 """Hang guard for one command-line merge (the small ones take seconds)."""
@@ -74,6 +76,26 @@ def _small_models(folder: pathlib.Path) -> list[pathlib.Path]:
     for i, (name, sd) in enumerate((("A", a), ("B", b), ("C", c))):
         path = folder / f"{name}.safetensors"
         write_safetensors(path, {**sd, **random_weights(vae_shapes, 100 + i)}, {DEMO_LAYOUT_KEY: DEMO_LAYOUT})
+        paths.append(path)
+    return paths
+
+
+def full_size_models(folder: pathlib.Path, seeds: tuple[int, ...]) -> list[pathlib.Path]:
+    """Full-size SD1 checkpoints (text encoder, UNet and VAE of sd1-ldm's layout; random weights,
+    fp16), one per seed: unrelated models, each in its own basis."""
+    from sd_mecha.extensions import model_configs
+    from support.layouts import key_shapes, random_state_dict
+
+    from sd_mecha_rebasin.files.output import write_safetensors
+
+    vae = model_configs.resolve("sd1-ldm").components()["vae"].keys()
+    shapes = {**key_shapes("sd1", "full"), **{k: tuple(m.shape) for k, m in vae.items()}}
+    paths = []
+    for seed in seeds:
+        path = folder / f"sd1_{seed}.safetensors"
+        sd = random_state_dict(shapes, seed, torch.float16)
+        write_safetensors(path, sd, {})
+        del sd
         paths.append(path)
     return paths
 
@@ -283,3 +305,18 @@ def test_interface_workflow_equals_sd_rebasin_merge(small_server, tmp_path):
     _cli(["merge", str(a), str(b), "--iters", "10", "-o", str(cli_out)], tmp_path)
     assert assert_same_tensors(comfy_out, cli_out) > 0
     assert_rebased(cli_out, a, b, 0.5)
+
+
+@pytest.mark.full_size
+def test_full_size_sd1_pair_workflow_equals_sd_rebasin_merge(tmp_path):
+    """The real layout, nothing test-only in the server: two full-size SD1 models (fp16) through
+    Git Rebasin -> Weighted Sum -> Merger -> Save Checkpoint give `sd-rebasin merge`'s tensors."""
+    server = ComfyUI(tmp_path / "server", {"comfy-mecha": comfy_mecha_pack(tmp_path / "packs")})
+    a, b = full_size_models(server.checkpoints, (0, 1))
+    with server:
+        server.run(pair_workflow(a.name, b.name, 0.25, "full"))
+    (comfy_out,) = server.outputs("full")
+    cli_out = tmp_path / "cli.safetensors"
+    _cli(["merge", str(a), str(b), "--alpha", "0.25", "-o", str(cli_out)], tmp_path)
+    assert assert_same_tensors(comfy_out, cli_out) > 1000
+    assert_rebased(cli_out, a, b, 0.25)
