@@ -23,10 +23,11 @@ from sd_mecha_rebasin import (
     random_permutation,
 )
 from sd_mecha_rebasin.common.devices import product_device
+from sd_mecha_rebasin.common.workers import worker_pool
 from sd_mecha_rebasin.permutations import groups
 from sd_mecha_rebasin.permutations.spec import identity_permutation
 from sd_mecha_rebasin.search import certify
-from sd_mecha_rebasin.search.certify import IdentityCertifier, PassCentre
+from sd_mecha_rebasin.search.certify import PassCentre
 from sd_mecha_rebasin.search.matching import _solve
 
 STEP_FIELDS = ("pass_index", "position", "visits", "model", "gain", "distance", "changed", "sweeps")
@@ -159,19 +160,18 @@ def _set_unit(spec, sd, space, unit, values_from=None, value=None):
 
 
 def _decisions(spec, models, i: int, space: str):
-    """What the certifier decides for `space` when model i is matched against the mean of the
-    others (all in their own bases), and whether the full solve keeps the identity there."""
+    """What the certificate decides for `space` when model i is matched against the mean of the
+    others (all in their own bases), and the full solve's gain at the identity there."""
     keys = [k for k in spec.axes if k in models[0]]
     n = len(models)
     total = {k: sum(m[k].float() for m in models) / n for k in keys}
     target = {k: (total[k] * n - models[i][k].float()) / (n - 1) for k in keys}
     model = {k: models[i][k].float() for k in keys}
-    centre = PassCentre(spec, total, 1.0, threads=1)
-    certifier = IdentityCertifier(spec, centre, target, model, threads=1)
-    verdict = certifier.identity_optimal(space), certifier.decided[space]
+    with worker_pool(1) as pool:
+        how = certify.space_verdict(spec, space, target, model, PassCentre(spec, total, 1.0), pool)
     size = spec.spaces[space].size
     _, gain = _solve(spec, space, target, model, np.arange(size), product_device("cpu"), None, "fp32")
-    return verdict, gain
+    return (how != certify.SEARCH, how), gain
 
 
 def test_duplicated_units_are_never_proved_by_the_bound():

@@ -94,8 +94,9 @@ from ..common import events
 from ..common.memory import return_freed_memory
 from ..common.workers import worker_pool
 from ..permutations.spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
-from .certify import IdentityCertifier, PassCentre
-from .matching import _accurate_sum, default_threads, weight_matching
+from .certify import PassCentre, certified_alignment
+from .matching import default_threads, weight_matching
+from .matching import slice_dot as _dot
 
 DEFAULT_MAX_PASSES = 100
 """The paper's code stops at 100 passes at the latest."""
@@ -299,14 +300,16 @@ def _load(
     narrow: torch.dtype | None = None,
     exact_norm: list[float] | None = None,
     index: int = 0,
+    copy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The model's `keys`, as tensors of our own, permuted by `perms` when given; fp8 tensors
     converted (exactly) to `fp8_as`, as torch has no arithmetic that mixes fp8 with other types.
 
     `narrow` (`low_memory`): tensors of another type are rounded to it (ValueError, naming model
     `index` + 1 and the key: `OutOfRange`, for a value beyond its range). `exact_norm` receives each key's squared
-    norm before any rounding. Never a view of the caller's tensor: matching permutes the result in
-    place (a view of an in-memory model, or of a cache behind a lazy one, would change it).
+    norm before any rounding. Never a view of the caller's tensor (matching permutes the result in
+    place: a view of an in-memory model, or of a cache behind a lazy one, would change it), unless
+    `copy` is False (for a reader that changes nothing).
     """
     fresh = bool(getattr(model, "fresh_tensors", False))
     out = {}
@@ -326,7 +329,7 @@ def _load(
             permuted = permute_tensor(spec, key, value, perms)
             own = own or permuted is not value  # `take_along` always returns a new tensor
             value = permuted
-        out[key] = value if own else value.clone()
+        out[key] = value if own or not copy else value.clone()
     return out
 
 
@@ -378,90 +381,47 @@ class _Scaled(Mapping[str, torch.Tensor]):
         return key in self.tensors
 
 
-class _OthersMean(Mapping[str, torch.Tensor]):
-    """The mean of the others, `factor * (S - alpha * M)`, for an alignment of the all-others pass
-    while `S` still holds the pass-start sum (the identity certificate's centre).
+def _subtract_exactly(
+    total: dict[str, torch.Tensor], model: Mapping[str, torch.Tensor], alpha: float, pool: Executor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`S -= alpha * M` in place (as `update` does), returning what `_add_back_exactly` needs to put
+    every bit of `S` back: the elements that adding `alpha * M` again would not restore, and their
+    values (a few percent of the elements). An alignment of the all-others pass that moves nothing
+    then leaves `S` exactly the pass-start sum, as the identity certificate's alignments do."""
+    undo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    Computed key by key when read, leaving `S` as it is, until `materialize` (called before the
-    model's tensors are permuted in place, or at once for the full search): then `S - alpha * M`
-    is written into `S` in place, as the other alignments do, with an undo record of the elements
-    that adding `alpha * M` back would not restore bit for bit; `restore` puts every bit of `S`
-    back (an unmoved model). Either way each read gives the same tensor, bit for bit.
-    """
+    def one(key: str) -> None:
+        before = total[key]
+        after = before.clone().add_(model[key], alpha=-alpha)
+        back = after.clone().add_(model[key], alpha=alpha)
+        bits = _SAME_SIZE_INT[before.element_size()]
+        lost = torch.nonzero((back.view(bits) != before.view(bits)).reshape(-1)).reshape(-1)
+        undo[key] = (lost, before.reshape(-1)[lost].clone())
+        before.copy_(after)
 
-    def __init__(
-        self,
-        total: dict[str, torch.Tensor],
-        model: Mapping[str, torch.Tensor],
-        alpha: float,
-        factor: float,
-        pool: Executor,
-    ):
-        self.total, self.model, self.alpha, self.factor, self.pool = total, model, alpha, factor, pool
-        self.materialized = False
-        self._undo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    list(pool.map(one, list(total)))
+    return undo
 
-    def unscaled(self, key: str) -> torch.Tensor:
-        """`S - alpha * M` at `key` (S's own tensor once materialized: do not change it)."""
-        value = self.total[key]
-        if self.materialized or self.alpha == 0:
-            return value
-        return value.clone().add_(self.model[key], alpha=-self.alpha)
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        value = self.unscaled(key)
-        return value if self.factor == 1.0 else value * self.factor
+def _add_back_exactly(
+    total: dict[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    alpha: float,
+    undo: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    pool: Executor,
+) -> None:
+    """Undo `_subtract_exactly` bit for bit (`model` as it was then)."""
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.total)
+    def one(key: str) -> None:
+        value = total[key]
+        value.add_(model[key], alpha=alpha)
+        lost, original = undo[key]
+        value.view(-1)[lost] = original
 
-    def __len__(self) -> int:
-        return len(self.total)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.total
-
-    def materialize(self) -> None:
-        if self.materialized:
-            return
-        if self.alpha != 0:
-
-            def one(key: str) -> None:
-                before = self.total[key]
-                after = before.clone().add_(self.model[key], alpha=-self.alpha)
-                back = after.clone().add_(self.model[key], alpha=self.alpha)
-                bits = _SAME_SIZE_INT[before.element_size()]
-                lost = torch.nonzero((back.view(bits) != before.view(bits)).reshape(-1)).reshape(-1)
-                self._undo[key] = (lost, before.reshape(-1)[lost].clone())
-                before.copy_(after)
-
-            list(self.pool.map(one, list(self.total)))
-        self.materialized = True
-
-    def restore(self) -> None:
-        """`S` back to the pass-start sum, bit for bit (the model must be as it was)."""
-        if not self.materialized or self.alpha == 0:
-            return
-
-        def one(key: str) -> None:
-            value = self.total[key]
-            value.add_(self.model[key], alpha=self.alpha)
-            lost, original = self._undo.pop(key)
-            value.view(-1)[lost] = original
-
-        list(self.pool.map(one, list(self.total)))
+    list(pool.map(one, list(total)))
 
 
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 22) -> float:
-    """`<a, b>` in float32 slices summed in float64 (no full-size float32 temporary)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    return math.fsum(
-        _accurate_sum(a[lo : lo + rows].float() * b[lo : lo + rows].float())
-        for lo in range(0, a.numel(), rows)
-    )
 
 
 def merge_many(
@@ -584,15 +544,6 @@ def merge_many(
         def squared_norm(tensors: Mapping[str, torch.Tensor]) -> float:
             return math.fsum(pool.map(lambda t: _dot(t, t), tensors.values()))
 
-        def unscaled_norm(mean: _OthersMean) -> float:
-            """`||S - alpha M||^2`, as `squared_norm(total)` gives it once S holds that."""
-
-            def one(key: str) -> float:
-                value = mean.unscaled(key)
-                return _dot(value, value)
-
-            return math.fsum(pool.map(one, keys))
-
         def update(model: Mapping[str, torch.Tensor], factor: float) -> None:
             list(pool.map(lambda key: total[key].add_(model[key], alpha=factor), keys))
 
@@ -671,7 +622,7 @@ def merge_many(
         def centre() -> PassCentre:
             """The pass's certificate centre (the weighted mean `S * w_ref / c`), built on first use."""
             if not centres:
-                centres.append(PassCentre(spec, total, w[ref] / c, threads))
+                centres.append(PassCentre(spec, total, w[ref] / c))
             return centres[0]
 
         def invalidate_centre() -> None:
@@ -709,71 +660,72 @@ def merge_many(
             t0 = time.perf_counter()
             first_visit = i not in visited
             fp8_as = sum_dtype if compact else torch.float16  # exact either way
-            exact_norm: list[float] | None = [] if first_visit and low_memory and not all_others else None
-            model = _load(
-                spec, models[i], keys, None if first_visit else perms[i], fp8_as, narrow_to(), exact_norm, i
-            )
-            if first_visit:
-                if not low_memory:
-                    admit({t.dtype for t in model.values()})
-                copy_norms[i] = squared_norm(model)
-                if not all_others:  # (all-others: known from the first sum, before any rounding)
-                    norms[i] = math.fsum(exact_norm) if exact_norm is not None else copy_norms[i]
             weight_others = math.fsum(u[j] for j in placed if j != i)
             factor = 1.0 / (c * weight_others)
-            others_mean: _OthersMean | None = None
-            certifier: IdentityCertifier | None = None
-            if pristine:  # S is the pass-start sum: the target is computed from it, S kept exact
-                alpha = c * u[i] if i in placed and u[i] > 0 else 0.0
-                others_mean = _OthersMean(total, model, alpha, factor, pool)
-                if full_search or max_iter == 0:
-                    others_mean.materialize()
-                else:
-                    certifier = IdentityCertifier(
-                        spec,
-                        centre(),
-                        others_mean,
-                        model,
-                        precision=precision,
-                        device=str(device),
-                        threads=threads,
-                        before_move=others_mean.materialize,
-                    )
-                target: Mapping[str, torch.Tensor] = others_mean
-                mean_norm = unscaled_norm(others_mean) * factor * factor
+            alpha = c * u[i] if i in placed and u[i] > 0 else 0.0
+            # auto's pass 1 before a move (n > 2): one sweep decides whether the model moves (a sweep
+            # that changes something raises the objective, so no later sweep can bring it back to
+            # its own basis), and a model that moves restarts the pass.
+            sweeps = 1 if trying and n > 2 and max_iter > 0 else max_iter
+            certified = None
+            if pristine and first_visit and not full_search and sweeps > 0:
+
+                def read(key: str) -> torch.Tensor:
+                    return _load(spec, models[i], [key], None, fp8_as, narrow_to(), None, i, copy=False)[key]
+
+                certified = certified_alignment(
+                    spec, total, read, alpha, factor, centre(), pool, precision=precision, device=str(device)
+                )
+            if certified is not None:  # weight matching's answer, the identity, in one read of the model
+                result = certified.result
+                copy_norms[i] = certified.model_norm
+                mean_norm = certified.target_norm * factor * factor
+                new, changed = perms[i], 0
             else:
-                if i in placed and u[i] > 0:
+                exact_norm: list[float] | None = [] if first_visit and low_memory and not all_others else None
+                model = _load(
+                    spec,
+                    models[i],
+                    keys,
+                    None if first_visit else perms[i],
+                    fp8_as,
+                    narrow_to(),
+                    exact_norm,
+                    i,
+                )
+                if first_visit:
+                    if not low_memory:
+                        admit({t.dtype for t in model.values()})
+                    copy_norms[i] = squared_norm(model)
+                    if not all_others:  # (all-others: known from the first sum, before any rounding)
+                        norms[i] = math.fsum(exact_norm) if exact_norm is not None else copy_norms[i]
+                undo = None
+                if pristine and alpha:  # S kept exact if nothing moves (as the certificate keeps it)
+                    undo = _subtract_exactly(total, model, alpha, pool)
+                elif i in placed and u[i] > 0:
                     update(model, -c * u[i])
                 target = _Scaled(total, factor)  # the weighted mean of the others
                 mean_norm = squared_norm(total) * factor * factor
-            result = weight_matching(
-                spec,
-                target,
-                model,
-                # auto's pass 1 before a move (n > 2): one sweep decides whether the model moves (a
-                # sweep that changes something raises the objective, so no later sweep can bring it
-                # back to its own basis), and a model that moves restarts the pass.
-                max_iter=1 if trying and n > 2 and max_iter > 0 else max_iter,
-                seed=seed,
-                threads=threads,
-                device=device,
-                precision=precision,
-                warm_start=first_visit,
-                overwrite_model=True,  # `model` is ours: it now holds the newly aligned model
-                certifier=certifier,
-            )
-            del target, certifier
-            new = result.perms if first_visit else compose(perms[i], result.perms)
-            changed = sum(not np.array_equal(new[name], perms[i][name]) for name in spec.spaces)
-            if others_mean is None:
-                if u[i] > 0:
-                    update(model, c * u[i])
-            elif others_mean.materialized:
-                if changed == 0:
-                    others_mean.restore()  # S exactly the pass-start sum again
+                result = weight_matching(
+                    spec,
+                    target,
+                    model,
+                    max_iter=sweeps,
+                    seed=seed,
+                    threads=threads,
+                    device=device,
+                    precision=precision,
+                    warm_start=first_visit,
+                    overwrite_model=True,  # `model` is ours: it now holds the newly aligned model
+                )
+                del target
+                new = result.perms if first_visit else compose(perms[i], result.perms)
+                changed = sum(not np.array_equal(new[name], perms[i][name]) for name in spec.spaces)
+                if undo is not None and changed == 0:
+                    _add_back_exactly(total, model, alpha, undo, pool)
                 elif u[i] > 0:
                     update(model, c * u[i])
-            del model, others_mean
+                del model, undo
             moved_units = sum(int(np.count_nonzero(new[name] != perms[i][name])) for name in spec.spaces)
             converged[i] = result.converged
             # A probe keeps nothing: S holds the model as matched (itself if nothing changed, else

@@ -68,6 +68,12 @@ class MatchResult:
     """`<ref, model>` with no permutation applied (the model as given), from the same pass over the
     tensors that rates the starting points: MergeMany's first-visit gain needs it, and a pass of
     its own over an SD model costs seconds."""
+    certified: int = 0
+    """Spaces proved unmoved by the identity certificate's bound alone (`certify.py`; no product)."""
+    exact_rows: int = 0
+    """Spaces proved unmoved by the identity certificate with exact rows of the product."""
+    searched: int = 0
+    """Spaces solved by a full cost matrix and assignment at least once."""
 
     @property
     def final(self) -> SweepStats:
@@ -245,6 +251,15 @@ def _accurate_sum(x: torch.Tensor, row: int = 4096) -> float:
     return float(total + x[head:].double().sum())
 
 
+def slice_dot(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 22) -> float:
+    """`<a, b>` in float32 slices summed in float64 (no full-size float32 temporary)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return math.fsum(
+        _accurate_sum(a[lo : lo + rows].float() * b[lo : lo + rows].float())
+        for lo in range(0, a.numel(), rows)
+    )
+
+
 def objective_and_distance(
     spec: PermutationSpec,
     ref: Mapping[str, torch.Tensor],
@@ -395,7 +410,10 @@ def weight_matching(
         report("phase_end", {"phase": "start"})
         dirty = set(names)
 
+        searched: set[str] = set()
+
         def solve(name: str) -> tuple[np.ndarray, float]:  # against the model as aligned so far
+            searched.add(name)
             return _solve(spec, name, ref, aligned.values, aligned.perms[name], device, solver, precision)
 
         converged = False
@@ -438,4 +456,6 @@ def weight_matching(
                 break
     if moved:  # the final figures recomputed from the tensors, not from the tracked gains
         dot, sq = objective_and_distance(spec, ref, aligned.values, {})
-    return MatchResult(aligned.perms, history, converged, dot, math.sqrt(sq) / base, identity)
+    return MatchResult(
+        aligned.perms, history, converged, dot, math.sqrt(sq) / base, identity, searched=len(searched)
+    )

@@ -136,6 +136,29 @@ def _space_cost(
     return score.numpy()  # valid until this thread's next call
 
 
+DIAGONAL_MARGIN = 1e-9
+"""Relative margin by which each diagonal entry must beat the rest of its row in
+`diagonal_certain`, far above the float64 rounding of an assignment solver's dual updates."""
+
+
+def diagonal_certain(score: np.ndarray) -> bool:
+    """Whether every row of the square `score` has its maximum on the diagonal, by a margin: the
+    identity is then the unique maximum-sum assignment (the sum of the row maxima bounds every
+    assignment and only the identity reaches it), over any subgroup that contains it too.
+    `score` is changed during the call and restored (no copy of a matrix of up to 200 MB)."""
+    n = len(score)
+    if n < 2:
+        return True
+    diagonal = np.diagonal(score).copy()
+    np.fill_diagonal(score, -np.inf)
+    try:
+        best = score.max(axis=1)
+    finally:
+        np.fill_diagonal(score, diagonal)
+    margin = DIAGONAL_MARGIN * (np.abs(diagonal) + np.abs(best) + 1e-300)
+    return bool((diagonal > best + margin).all())
+
+
 def invariant_feature_start(
     spec: PermutationSpec,
     ref: Mapping[str, torch.Tensor],
