@@ -44,6 +44,7 @@ from ..search.many import (
     DEFAULT_START,
     STARTS,
     ModelStep,
+    NonFinite,
     OutOfRange,
     PassStats,
     SumRebuild,
@@ -323,10 +324,14 @@ def _forward(
 
 
 @contextlib.contextmanager
-def _out_of_range(ckpts: Sequence[Checkpoint]) -> Iterator[None]:
-    """`--low-memory` meeting a value float16 cannot hold: a one-line error naming the file."""
+def _out_of_range(ckpts: Sequence[Checkpoint], threads: int) -> Iterator[None]:
+    """`--low-memory` meeting a value float16 cannot hold, or NaN/Inf found in the permuted keys by
+    MergeMany's first read: a one-line error naming the file (NaN/Inf: `check_finite`'s)."""
     try:
         yield
+    except NonFinite as e:
+        check_finite(ckpts[e.model], threads=threads)  # the file's first bad key, in file order
+        raise UserError(f"{e.key} contains NaN or Inf values", ckpts[e.model].path) from None
     except OutOfRange as e:
         raise UserError(
             f"{e.key} holds values beyond {str(e.dtype).removeprefix('torch.')}'s range: "
@@ -398,15 +403,17 @@ def merge_many_files(
             mecha = recipe_text(ckpts, w, ref, max_passes, opts, start, low_memory, full_search)
             for ckpt in ckpts:  # headers only: refused in milliseconds, before any file is read
                 check_spec(ckpt, opts, ckpts)
-            for ckpt in ckpts:
-                check_finite(ckpt, threads=opts.threads or 0)
             # Text encoders take part only if every input has them (UNet-only inputs: none).
             spec = _perm_spec(
                 config, opts, present_text_encoders(config, *(c.canonical_shapes() for c in ckpts))
             )
+            scanned = start != "incremental"  # the first pass reads every model's permuted keys first
+            for ckpt in ckpts:  # the rest now (the permuted keys too for "incremental"), before any work
+                keys = [k for k in ckpt.shapes if not (scanned and ckpt.canonical.get(k, k) in spec.axes)]
+                check_finite(ckpt, keys, threads=opts.threads or 0)
             models = [FileStateDict(c) for c in ckpts]
             t_align = time.perf_counter()
-            with capture_logging(opts.quiet), _out_of_range(ckpts):
+            with capture_logging(opts.quiet), _out_of_range(ckpts, opts.threads or 0):
                 result = merge_many(
                     spec,
                     models,
@@ -434,17 +441,23 @@ def merge_many_files(
             ]
             progress.output_pass(len(merged_keys))
             merged = {}
+            if result.mean is not None and result.sum_dtype == dtype:  # nothing moved: already summed
+                merged = {key: result.mean[key] for key in merged_keys if key in result.mean}
+                for _ in merged:
+                    progress.key_done()
+            result.mean = None
             for key, value in merged_tensors(
                 spec,
                 models,
                 result.perms,
                 weights=w,
-                keys=merged_keys,
+                keys=[key for key in merged_keys if key not in merged],
                 dtype=dtype,
                 threads=opts.threads or None,
             ):
                 merged[key] = value
                 progress.key_done()
+            merged = {key: merged[key] for key in merged_keys}  # the reference's order
             other = ckpts[1] if ref == 0 else ckpts[0]
             tensors, kept, _ = assemble("merge", base, other, merged, dtype, None, opts)
             merged.clear()

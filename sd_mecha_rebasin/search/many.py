@@ -210,6 +210,11 @@ class ManyResult:
     restarted: bool = False
     """`start="auto"`: a model (or the reference's check) moved in the all-others first pass, which
     was then restarted incrementally (the inputs do not share one basis)."""
+    mean: dict[str, torch.Tensor] | None = None
+    """When nothing moved and the running sum is still the exact rounding of the float32 weighted
+    sum (16-bit inputs): the weighted mean over the spec's keys, in `sum_dtype`, bit for bit what
+    `merged_tensors(..., dtype=sum_dtype)` gives; the output pass can take it instead of reading
+    every model again. Else None."""
 
     @property
     def passes(self) -> int:
@@ -223,6 +228,14 @@ class ManyResult:
     def equals_weighted_mean(self) -> bool:
         """Every permutation is the identity: the merge is the weighted mean of the inputs as they are."""
         return all(_is_identity(p) for p in self.perms)
+
+
+class NonFinite(ValueError):
+    """Model `model` (0-based) holds NaN or Inf at `key` (found by the first read of every model)."""
+
+    def __init__(self, model: int, key: str):
+        self.model, self.key = model, key
+        super().__init__(f"model {model + 1}: {key} contains NaN or Inf values")
 
 
 class OutOfRange(ValueError):
@@ -520,6 +533,7 @@ def merge_many(
     restarted = False
 
     total: dict[str, torch.Tensor] = {}  # the running sum S, updated in place from here on
+    mean_bits = False  # S is bit for bit the weighted mean the output pass would compute (`ManyResult.mean`)
 
     def admit(dtypes: Iterable[torch.dtype]) -> None:
         """Widen a 16-bit S to float32 (exactly) when an input holds values it cannot."""
@@ -545,6 +559,8 @@ def merge_many(
             return math.fsum(pool.map(lambda t: _dot(t, t), tensors.values()))
 
         def update(model: Mapping[str, torch.Tensor], factor: float) -> None:
+            nonlocal mean_bits
+            mean_bits = False
             list(pool.map(lambda key: total[key].add_(model[key], alpha=factor), keys))
 
         def rebuild() -> float:
@@ -572,6 +588,8 @@ def merge_many(
                     if _is_fp8(value.dtype):  # no mixed-type arithmetic for fp8 in torch
                         value = value.float()
                     squares.append(_dot(value, value))
+                    if not math.isfinite(squares[-1]) and not bool(torch.isfinite(value).all()):
+                        bad.append((j, key))  # (a huge but finite float32 tensor is no error)
                     if acc is None:
                         acc = value.to(torch.float32, copy=True).mul_(w[j])
                     else:
@@ -582,7 +600,11 @@ def merge_many(
                 parts[key] = (squares, _dot(acc, acc))
                 total[key] = (acc if scale == 1.0 else acc.mul_(scale)).to(sum_dtype)
 
+            bad: list[tuple[int, str]] = []
             list(pool.map(one_key, keys))
+            if bad:  # the first model, then the first key in the spec's order
+                order = {key: k for k, key in enumerate(keys)}
+                raise NonFinite(*min(bad, key=lambda item: (item[0], order[item[1]])))
             in_order = {key: total[key] for key in keys}  # threads finish keys in any order
             total.clear()
             total.update(in_order)
@@ -594,6 +616,8 @@ def merge_many(
 
         def from_reference() -> None:
             """S = c * M_ref: the incremental start's sum (also its restart in `start="auto"`)."""
+            nonlocal mean_bits
+            mean_bits = False
             squares = []
             for key in keys:
                 value = models[ref][key]
@@ -607,6 +631,9 @@ def merge_many(
 
         if all_others:
             exact_sum_norm = initial_sum()
+            # A 16-bit S holding the normalised weights' sum is each key's float32 weighted sum
+            # rounded once: the output pass's tensor for that key, while no model changes it.
+            mean_bits = compact and c == w[ref] and not rounded
             if rounded:  # widened to float32 after some keys were rounded: exact once more
                 exact_sum_norm = rebuild()
                 rounded = False
@@ -889,9 +916,10 @@ def merge_many(
                 on_progress(stats)
             if last:  # converged, or --iters 0 (nothing can move), or max_passes
                 break
+    mean = {key: total[key] for key in keys} if mean_bits and all(_is_identity(p) for p in perms) else None
     total.clear()
     return_freed_memory()
-    return ManyResult(perms, history, not stale, w, ref, sum_dtype, steps, start, low_memory, restarted)
+    return ManyResult(perms, history, not stale, w, ref, sum_dtype, steps, start, low_memory, restarted, mean)
 
 
 def merged_tensors(
