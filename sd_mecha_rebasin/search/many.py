@@ -2,81 +2,21 @@
 
 Ainsworth, Hayase, Srinivasa, "Git Re-Basin" (ICLR 2023), Algorithm 3 and its code
 (`mnist_mlp_wm_many.py`): repeat passes; in each pass visit the models in a seeded random order and
-align model i by weight matching (Algorithm 1, `matching.weight_matching`) to the weighted mean of
-the other N - 1 models in their current bases; stop when a pass moves no model; the result is the
-weighted mean of the aligned models.
+align model i by weight matching (`matching.weight_matching`) to the weighted mean of the other
+N - 1 in their current bases; stop when a pass moves no model; output the weighted mean.
 
-What this implementation adds to the paper's loop, and why:
-
-- **Reference.** The objective is unchanged when one permutation is applied to all N models, so
-  one model (the reference) stays at the identity and is never re-aligned: the output lives in its
-  basis (LoRAs, ControlNets and embeddings made for the reference's base keep working).
-- **Memory that does not grow with N.** Only a running weighted sum `S` of the aligned models
-  (the keys the spec permutes) and the one model being aligned are held; models are read from
-  their (lazy) mappings when visited. Model i is matched against `S - w_i pi_i(M_i)`, seen through
-  a view scaled to the mean of the others (weight matching's argmax does not change with the scale
-  of the target, but its invariant-feature start and the distances reported do), and added back
-  after.
-- **A running sum at the inputs' precision.** `S` is held in the inputs' 16-bit type when every
-  input is float16 (or every one bfloat16; fp8 joins either), else in float32, which halves the
-  largest buffer (SDXL: 6.8 GB instead of 13.5 GB). A 16-bit `S` holds the normalised weights'
-  sum (never larger than the largest weight, so it cannot overflow); its in-place updates round,
-  so it is rebuilt from the models (summed in float32, rounded once) at the end of every pass in
-  which a model moved, and the pass's objective is computed from that exact float32 sum. Rounding
-  a mean of 16-bit models to 16 bits stays within their own quantization; the output
-  (`merged_tensors`) is always summed in float32 from the inputs.
-- **First pass** (`start`). The paper starts every model in its own basis, so each model's first
-  target is the mean of all the others, in their own bases ("all-others"). The sum then starts as
-  the sum of all N models (one read of each); models that already share a basis (fine-tunes of one
-  base) move nothing, so one pass of N - 1 alignments ends the loop and the output is the weighted
-  mean of the inputs. The "incremental" start begins the sum with the reference alone and aligns
-  each model visited to the mean of the models already placed: a first target is never a blur of
-  unaligned models, and for N = 2 it is exactly the pair merge (model 1 aligned to the reference);
-  but every model placed changes the later ones' targets, so models that share a basis still need
-  a second pass of N - 2 confirming alignments (2N - 3 in all). All-others loses on models that are
-  all in unrelated bases: their first targets are blurs of unaligned models, and the loop settles
-  in a worse optimum (the tiny recovery cases: hidden permutations not recovered).
-- **Adaptive first pass** (`start="auto"`, the default). Pass 1 runs as all-others; the first
-  weighted model that moves shows that the inputs do not share one basis, and from then on the
-  targets of all-others are the blurs above, so the pass is restarted incrementally (the sum back
-  to the reference alone, every model back in its own basis): first the models already aligned
-  in it, then those not yet visited, and the model that moved last. Why that order: in an
-  incremental pass the last model's target is the mean of all the others, so if no model moved
-  in the restart its target and its start (its own basis) are exactly those of its all-others
-  alignment, so that alignment's answer is kept if it converged, and otherwise goes on from where
-  it stopped instead of starting again (up to the rounding of the running sum, which is built in
-  another order). Until a model moves, each
-  alignment of the pass (N > 2) runs one sweep only: a sweep that changes something raises the
-  objective, so no later sweep brings the model back to its own basis, and one sweep decides
-  whether the pass restarts; a blurred target's further sweeps were the larger part of the cost
-  on permuted inputs. Everything else is incremental from there, so
-  permuted inputs recover what the incremental start recovers. If no weighted model moved, one
-  more alignment checks the reference against the mean of the others (its result is only a
-  test: the reference is never permuted): with the reference fixed, N - 1 unmoved models cannot
-  tell "all share the reference's basis" from "all but the reference share one", where every
-  model's best answer, in its own basis, is the others' majority basis, and all-others would
-  stop with the reference unaligned to the rest. If the reference moves, the pass is restarted
-  incrementally (no result to reuse). Shared-basis inputs: one pass of N alignments (N - 1 models
-  and the check; N = 2: one, the pair merge) and the output is their weighted mean; permuted
-  inputs: the alignments run before the restart, then the incremental start's. This is the
-  paper's loop (Ainsworth et al. 2023, Alg. 3, which starts every model in its own basis) where
-  its start is exact, and the incremental start where it is not.
-- **Weight 0.** A model of weight 0 is aligned to the mean of the others but adds nothing to it, so
-  its moves make no other model stale; it is aligned once the weighted models need nothing more
-  (in the same pass), not in every pass.
-- **Low memory** (`low_memory`). Matching on float16 copies of the sum and of the model being
-  aligned (`LOW_MEMORY_DTYPE`) when an input is wider: float32 SDXL inputs then need 6.8 + 6.8 GB
-  instead of 13.5 + 13.5 GB. The rounding is that of the 16-bit sum above, applied to the model
-  too; products are still accumulated in float32, the pass objectives come from sums of the exact
-  values, and the output is summed in float32 from the inputs.
-- **Skipping.** A model is re-aligned only if another model moved since its last alignment
-  (otherwise its target and starting point are the same, so is the answer); the loop ends when no
-  model needs it, so a pass in which nothing moves is the last (with the all-others start this
-  holds from pass 1 on, as every target is then the mean of all the others). The reference is
-  never aligned: N - 1 alignments per full pass.
-
-`merged_tensors` is the output pass: the weighted mean of the aligned models, key by key, read from
-the inputs (the running sum is not used: it has been updated in place many times).
+What this implementation adds, each explained in docs/many.md ("How it follows the paper"):
+- a reference fixed at the identity, so the output lives in its basis;
+- memory flat in N: one running weighted sum `S` (at the inputs' 16-bit type when they share one,
+  rebuilt exactly from the models after a pass that moved something) plus the model being aligned;
+- first passes (`STARTS`): "incremental", "all-others" (the paper's), and "auto" (all-others until
+  a model moves, then that pass restarts incrementally), with the reference's check;
+- models of weight 0 aligned once, after the others; `low_memory` matching on float16 copies;
+- in the all-others pass, while `S` still holds the pass-start sum, an alignment that moves nothing
+  leaves `S` bit for bit as it was, and is decided by the identity certificate (`certify.py`) in
+  one read of the model where it applies: weight matching's answer without its products;
+- the output pass (`merged_tensors`) sums the aligned models in float32 from the inputs, or, when
+  nothing moved and `S` is still the rounded float32 sum, takes `S` (`ManyResult.mean`).
 """
 
 from __future__ import annotations
