@@ -348,3 +348,62 @@ def test_a_bad_start_is_a_usage_error(inputs, tmp_path, capsys):
     paths, *_ = inputs
     rc, _, err = run_cli(capsys, "merge-many", *paths, "-o", tmp_path / "x.safetensors", "--start", "paper")
     assert rc == 2 and "paper" in err and "all-others" in err
+
+
+def _shared_basis_files(first_path, directory, dtype=torch.float16):
+    """The first input and two fine-tune-like copies of it (no permutation), as `dtype` files."""
+    first = load_file(first_path)
+    paths = []
+    for i in range(3):
+        gen = torch.Generator().manual_seed(290 + i)
+        sd = {
+            k: (v + (0.01 * v.std() * torch.randn(v.shape, generator=gen) if i else 0)).to(dtype)
+            if v.is_floating_point() and v.numel() > 1
+            else v
+            for k, v in first.items()
+        }
+        path = directory / f"f{i + 1}.safetensors"
+        write_safetensors(path, sd, LAYOUT)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_full_search_writes_the_same_file_as_the_certificate(inputs, tmp_path, capsys, dtype):
+    """Fine-tunes of one base: by default every alignment is proved unmoved (no product); the file
+    and the report equal --full-search's, tensor for tensor (fp16 inputs: the output takes the
+    running sum; fp32: the output pass)."""
+    paths = _shared_basis_files(inputs[0][0], tmp_path, dtype)
+    reports, outs = [], []
+    for extra in ([], ["--full-search"]):
+        out = tmp_path / f"out{len(extra)}.safetensors"
+        rc, stdout, err = run_cli(capsys, "merge-many", *paths, "-o", out, "--threads", "2", "--json", *extra)
+        assert rc == 0, err
+        reports.append(json.loads(stdout))
+        outs.append(load_file(out))
+    fast, full = reports
+    assert fast["full_search"] is False and full["full_search"] is True
+    assert all(a["certified"] + a["exact_rows"] > 0 and a["searched"] == 0 for a in fast["alignments"])
+    assert all(a["certified"] == a["exact_rows"] == 0 and a["searched"] > 0 for a in full["alignments"])
+    keep = ("name", "pass_index", "gain", "distance", "distance_before", "changed", "units_moved", "sweeps")
+    assert [{k: a[k] for k in keep} for a in fast["alignments"]] == [
+        {k: a[k] for k in keep} for a in full["alignments"]
+    ]
+    assert [p["objective"] for p in fast["passes"]] == [p["objective"] for p in full["passes"]]
+    assert fast["equals_weighted_mean"] and list(outs[0]) == list(outs[1])
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_nan_in_a_permuted_key_is_one_line_naming_the_file(inputs, tmp_path, capsys):
+    """The permuted keys are checked by MergeMany's first read of every model, not a separate scan:
+    the error is the same one line, and nothing is written."""
+    paths = _shared_basis_files(inputs[0][0], tmp_path)
+    sd = {k: v.clone() for k, v in load_file(paths[2]).items()}  # (not a view of the file we replace)
+    key = next(k for k in sd if "attn2.to_k.weight" in k)
+    sd[key][0, 0] = float("nan")
+    paths[2].unlink()
+    write_safetensors(paths[2], sd, LAYOUT)
+    out = tmp_path / "o.safetensors"
+    rc, _, err = run_cli(capsys, "merge-many", *paths, "-o", out)
+    assert_one_line_error(rc, err, 1, "f3.safetensors", key, "NaN")
+    assert not out.exists()

@@ -102,7 +102,8 @@ def product_error(spec: PermutationSpec, space: str, precision: str = "fp32", de
         longest = max(longest, min(step, width) * per_column)
         slices += -(-width // step)
     gamma = (longest + slices + 2) * U32 * 1.01
-    if precision != "fp32" or torch.device(device).type != "cpu":
+    reduced = torch.get_float32_matmul_precision() != "highest"  # float32 products may use bf16/TF32
+    if precision != "fp32" or torch.device(device).type != "cpu" or reduced:
         gamma += REDUCED_PRECISION_ERROR
     return gamma
 
