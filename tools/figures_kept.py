@@ -4,7 +4,7 @@
 
 Takes every number of README.md at git revision REV and looks for it in today's README.md,
 docs/*.md and comfyui/README.md: as the same number, or as a more precise one that rounds to it
-(0.706 is kept by 0.7061). Prints the numbers not found, each with the line it stood in, and exits
+(0.706 is kept by 0.7061); link targets are not figures. Prints the numbers not found, each with the line it stood in, and exits
 1 if there are any.
 """
 
@@ -20,7 +20,8 @@ NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 
 
 def numbers(text: str) -> set[str]:
-    return {m.group(0) for m in NUMBER.finditer(text)}
+    """The numbers of `text`'s prose: link targets (paths, anchors) are not figures."""
+    return {m.group(0) for m in NUMBER.finditer(re.sub(r"\]\([^)]*\)", "]", text))}
 
 
 def kept(number: str, found: set[str]) -> bool:
@@ -29,10 +30,9 @@ def kept(number: str, found: set[str]) -> bool:
     if "." not in number:
         return False
     decimals = len(number.split(".")[1])
-    value = float(number)
+    half = 0.5 * 10**-decimals + 1e-12  # 0.8915 keeps 0.892 (rounded half up)
     return any(
-        "." in f and len(f.split(".")[1]) > decimals and abs(round(float(f), decimals) - value) < 1e-12
-        for f in found
+        "." in f and len(f.split(".")[1]) > decimals and abs(float(f) - float(number)) <= half for f in found
     )
 
 
