@@ -194,19 +194,12 @@ class _Lazy(Mapping[str, torch.Tensor]):
     """`{key: read(key)}` over `keys`, computed when a key is read."""
 
     def __init__(self, keys: list[str], read: Callable[[str], torch.Tensor]):
-        self.keys_, self.read = keys, read
+        self.keys_, self.known, self.read = keys, set(keys), read
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.keys_set:
+        if key not in self.known:
             raise KeyError(key)
         return self.read(key)
-
-    @property
-    def keys_set(self) -> set[str]:
-        cached = self.__dict__.get("_set")
-        if cached is None:
-            cached = self.__dict__["_set"] = set(self.keys_)
-        return cached
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_)
@@ -215,7 +208,7 @@ class _Lazy(Mapping[str, torch.Tensor]):
         return len(self.keys_)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.keys_set
+        return key in self.known
 
 
 @dataclasses.dataclass

@@ -33,7 +33,13 @@ import torch
 from ..common import events
 from ..common.memory import return_freed_memory
 from ..common.workers import worker_pool
-from ..permutations.spec import Permutations, PermutationSpec, identity_permutation, permute_tensor
+from ..permutations.spec import (
+    _SAME_SIZE_INT,
+    Permutations,
+    PermutationSpec,
+    identity_permutation,
+    permute_tensor,
+)
 from .certify import PassCentre, certified_alignment
 from .matching import default_threads, weight_matching
 from .matching import slice_dot as _dot
@@ -372,9 +378,6 @@ def _add_back_exactly(
         value.view(-1)[lost] = original
 
     list(pool.map(one, list(total)))
-
-
-_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def merge_many(
